@@ -1,0 +1,105 @@
+"""Model files: weights, architecture, input normalisation and metadata in one safetensors file.
+
+Loading never executes code (safetensors holds tensors and a string-to-string header, nothing
+else), and saving is atomic: a temporary file in the target folder is renamed over the target,
+so a crash never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .model import UNet, UNetConfig
+from .normalize import Normalization
+
+FORMAT = "napari-tiled-unet/1"
+
+
+def save_model(model: UNet, path, *, normalization: Normalization | None = None,
+               metadata: dict | None = None) -> Path:
+    """Write ``model`` to ``path`` atomically.
+
+    Parameters
+    ----------
+    model : UNet
+    path : str or Path
+        Target file (conventionally ``*.safetensors``); replaced if it exists.
+    normalization : Normalization, optional
+        Input normalisation; defaults to ``model.normalization`` or percentile 1-99.8.
+    metadata : dict, optional
+        JSON-serialisable facts (training data, iterations, metrics); defaults to
+        ``model.metadata``.
+
+    Returns
+    -------
+    Path
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    norm = normalization or getattr(model, "normalization", None) or Normalization()
+    header = {
+        "format": FORMAT,
+        "config": json.dumps(model.config.to_dict()),
+        "normalization": json.dumps(norm.to_dict()),
+        "metadata": json.dumps(metadata if metadata is not None else getattr(model, "metadata", {})),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=header)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_header(path) -> dict:
+    """The file's header (format, config, normalization, metadata) without loading weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model: no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types for foreign files
+        raise ValueError(
+            f"model: expected a napari-tiled-unet model file (safetensors), got {path} ({error})"
+        ) from None
+    if header.get("format") != FORMAT:
+        raise ValueError(
+            f"model: expected a napari-tiled-unet model file (format {FORMAT!r}), got {path} "
+            f"with format {header.get('format')!r}"
+        )
+    return {
+        "format": header["format"],
+        "config": json.loads(header["config"]),
+        "normalization": json.loads(header["normalization"]),
+        "metadata": json.loads(header.get("metadata", "{}")),
+    }
+
+
+def load_model(path) -> UNet:
+    """Load a model file written by :func:`save_model`.
+
+    Returns
+    -------
+    UNet
+        In eval mode on the CPU, with ``normalization`` (:class:`Normalization`) and
+        ``metadata`` (dict) attributes.
+    """
+    from safetensors.torch import load_file
+
+    header = read_header(path)
+    model = UNet(UNetConfig.from_dict(header["config"]))
+    try:
+        model.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"model: weights in {path} do not match its config: {error}") from None
+    model.normalization = Normalization.from_dict(header["normalization"])
+    model.metadata = header["metadata"]
+    return model.eval()

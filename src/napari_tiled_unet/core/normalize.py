@@ -1,0 +1,69 @@
+"""Input normalisation stored in model files and applied identically at training and inference.
+
+Statistics are taken per plane and per channel (never per tile: that would break exact
+stitching), on a strided subsample so that huge planes are not read whole.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+MODES = ("percentile", "none")
+_SAMPLE_PIXELS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-plane, per-channel percentile scaling: ``(x - p_low) / (p_high - p_low)``.
+
+    Parameters
+    ----------
+    mode : {"percentile", "none"}
+    low, high : float
+        Percentiles mapped to 0 and 1.
+    """
+
+    mode: str = "percentile"
+    low: float = 1.0
+    high: float = 99.8
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"normalization mode: expected one of {MODES}, got {self.mode!r}")
+        if not 0.0 <= self.low < self.high <= 100.0:
+            raise ValueError(
+                f"normalization percentiles: expected 0 <= low < high <= 100, "
+                f"got low={self.low}, high={self.high}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> Normalization:
+        return cls(**values) if values else cls(mode="none")
+
+    def plane_stats(self, plane) -> tuple[np.ndarray, np.ndarray]:
+        """Offset and scale per channel for one plane.
+
+        Parameters
+        ----------
+        plane : array-like, shape (C, Y, X)
+
+        Returns
+        -------
+        offset, scale : numpy.ndarray of float32, shape (C, 1, 1)
+        """
+        channels = plane.shape[0]
+        if self.mode == "none":
+            return np.zeros((channels, 1, 1), np.float32), np.ones((channels, 1, 1), np.float32)
+        step = max(1, math.ceil(math.sqrt(plane.shape[1] * plane.shape[2] / _SAMPLE_PIXELS)))
+        sample = np.asarray(plane[:, ::step, ::step], dtype=np.float64).reshape(channels, -1)
+        low, high = np.percentile(sample, [self.low, self.high], axis=1)
+        spread = high - low
+        # A constant channel keeps its values rather than being divided by zero.
+        scale = np.where(spread > 0, 1.0 / np.where(spread > 0, spread, 1.0), 1.0)
+        return (low.reshape(-1, 1, 1).astype(np.float32), scale.reshape(-1, 1, 1).astype(np.float32))

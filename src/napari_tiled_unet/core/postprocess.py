@@ -1,0 +1,66 @@
+"""Foreground probability -> instance labels (threshold, connected components per plane)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def labels_dtype(max_label: int) -> np.dtype:
+    """Smallest unsigned integer dtype that holds ``max_label``."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if max_label <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.uint64)
+
+
+def label_plane(probability: np.ndarray, threshold: float = 0.5, min_size: int = 0) -> np.ndarray:
+    """Instance labels of one plane: pixels with ``probability > threshold``, 8-connected
+    components, components smaller than ``min_size`` pixels removed, ids 1..N in raster order.
+
+    Parameters
+    ----------
+    probability : numpy.ndarray, shape (Y, X)
+    threshold : float
+    min_size : int
+
+    Returns
+    -------
+    numpy.ndarray, shape (Y, X), uint32
+    """
+    from scipy import ndimage
+
+    labels, count = ndimage.label(probability > threshold, structure=np.ones((3, 3), bool))
+    if min_size > 1 and count:
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        keep = sizes >= min_size
+        keep[0] = False
+        relabel = np.zeros(count + 1, np.uint32)
+        relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
+        labels = relabel[labels]
+    return labels.astype(np.uint32, copy=False)
+
+
+def instance_labels(probability: np.ndarray, threshold: float = 0.5, min_size: int = 0) -> np.ndarray:
+    """Label every (Y, X) plane of ``probability`` separately (ids restart at 1 in each plane).
+
+    Parameters
+    ----------
+    probability : numpy.ndarray, shape (..., Y, X)
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., Y, X), the smallest unsigned dtype that holds the largest id
+    """
+    check_postprocess_options(threshold, min_size)
+    flat = np.asarray(probability).reshape((-1,) + probability.shape[-2:])
+    planes = [label_plane(p, threshold, min_size) for p in flat]
+    largest = max((int(p.max()) for p in planes), default=0)
+    return np.stack(planes).reshape(probability.shape).astype(labels_dtype(largest))
+
+
+def check_postprocess_options(threshold, min_size) -> None:
+    """Raise ValueError unless 0 <= threshold < 1 and min_size is a non-negative integer."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+        raise ValueError(f"threshold: expected a number in [0, 1), got {threshold!r}")
+    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
+        raise ValueError(f"min_size: expected a non-negative integer, got {min_size!r}")

@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import tifffile
+
+from napari_tiled_unet.core.io import IncompleteWrite, read_tiff, write_tiff_stream, write_tiff_streams
+
+
+def test_contiguous_tiff_is_memory_mapped_and_compressed_one_read_lazily(tmp_path, rng):
+    stack = rng.integers(0, 4000, (3, 40, 50), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "plain.tif", stack, metadata={"axes": "ZYX"}, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "zlib.tif", stack, compression="zlib", metadata={"axes": "ZYX"}, photometric="minisblack")
+    plain, packed = read_tiff(tmp_path / "plain.tif"), read_tiff(tmp_path / "zlib.tif")
+    assert isinstance(plain.data, np.memmap)
+    assert not isinstance(packed.data, np.ndarray)
+    for image in (plain, packed):
+        assert image.axes == "ZYX" and image.channel_axis is None
+        assert (np.asarray(image.data[1, 5:9]) == stack[1, 5:9]).all()
+
+
+def test_axes_from_imagej_and_rgb_metadata_put_y_x_last(tmp_path):
+    tifffile.imwrite(tmp_path / "ij.tif", np.zeros((2, 3, 2, 10, 12), np.uint16), imagej=True,
+                     metadata={"axes": "TZCYX"})
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((10, 12, 3), np.uint8), photometric="rgb")
+    imagej, rgb = read_tiff(tmp_path / "ij.tif"), read_tiff(tmp_path / "rgb.tif")
+    assert (imagej.axes, imagej.channel_axis, imagej.shape) == ("TZCYX", 2, (2, 3, 2, 10, 12))
+    assert (rgb.axes, rgb.channel_axis, rgb.shape) == ("SYX", 0, (3, 10, 12))
+
+
+def test_missing_foreign_and_truncated_files_give_clear_errors(tmp_path, rng):
+    with pytest.raises(FileNotFoundError, match="input: no such file"):
+        read_tiff(tmp_path / "missing.tif")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="input: expected a TIFF file"):
+        read_tiff(tmp_path / "notes.txt")
+    tifffile.imwrite(tmp_path / "full.tif", rng.integers(0, 9, (4, 64, 64), dtype=np.uint16),
+                     photometric="minisblack")
+    data = (tmp_path / "full.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="input: TIFF file is truncated"):
+        read_tiff(tmp_path / "cut.tif")
+
+
+def test_streamed_stack_keeps_shape_and_axes(tmp_path):
+    planes = (np.full((5, 6), i, np.uint16) for i in range(6))
+    write_tiff_stream(tmp_path / "s.tif", (2, 3, 5, 6), np.uint16, "TZYX", planes)
+    image = read_tiff(tmp_path / "s.tif")
+    assert image.axes == "TZYX" and image.shape == (2, 3, 5, 6)
+    assert np.asarray(image.data)[1, 2, 0, 0] == 5
+
+
+def test_an_early_end_or_error_leaves_no_file_and_keeps_the_old_one(tmp_path):
+    target = tmp_path / "labels.tif"
+    target.write_bytes(b"previous result")
+
+    def failing():
+        yield np.zeros((5, 6)), np.zeros((5, 6))
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        write_tiff_streams([(target, (3, 5, 6), np.uint16, "ZYX"),
+                            (tmp_path / "p.tif", (3, 5, 6), np.float32, "ZYX")], failing())
+    with pytest.raises(IncompleteWrite):
+        write_tiff_stream(target, (3, 5, 6), np.uint16, "ZYX", [np.zeros((5, 6))])
+    assert target.read_bytes() == b"previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.tif"]

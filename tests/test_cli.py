@@ -1,0 +1,113 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_tiled_unet import cli
+from napari_tiled_unet.core.modelfile import save_model
+
+from .conftest import make_model
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    return save_model(make_model(depth=2, base_channels=3), tmp_path / "model.safetensors")
+
+
+@pytest.fixture
+def stack_file(tmp_path, rng):
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, rng.integers(0, 4000, (3, 90, 130), dtype=np.uint16),
+                     metadata={"axes": "ZYX"}, photometric="minisblack")
+    return path
+
+
+def segment(*args):
+    return cli.main(["segment", *map(str, args), "--quiet"])
+
+
+def test_small_tiles_give_the_same_probabilities_as_one_whole_tile(tmp_path, model_file, stack_file):
+    for name, tile in (("small", 50), ("whole", 1000)):
+        assert segment(stack_file, "-o", tmp_path / f"{name}_labels.tif", "--model", model_file,
+                       "--probabilities", tmp_path / f"{name}_prob.tif", "--tile", tile,
+                       "--threshold", 0.5) == 0
+    small, whole = (tifffile.imread(tmp_path / f"{n}_prob.tif") for n in ("small", "whole"))
+    assert small.shape == (3, 90, 130) and small.dtype == np.float32
+    assert np.abs(small - whole).max() <= 1e-5
+    labels = tifffile.imread(tmp_path / "small_labels.tif")
+    assert labels.shape == (3, 90, 130)
+    assert ((labels > 0) == (small > 0.5)).all()
+
+
+def test_existing_output_is_refused_unless_overwrite(tmp_path, model_file, stack_file, capsys):
+    out = tmp_path / "labels.tif"
+    out.write_bytes(b"keep me")
+    assert segment(stack_file, "-o", out, "--model", model_file) == 2
+    assert "--output: " in capsys.readouterr().err and out.read_bytes() == b"keep me"
+    assert segment(stack_file, "-o", out, "--model", model_file, "--overwrite") == 0
+    assert tifffile.imread(out).shape == (3, 90, 130)
+
+
+def test_input_is_never_overwritten(model_file, stack_file, capsys):
+    before = stack_file.read_bytes()
+    assert segment(stack_file, "-o", stack_file, "--model", model_file, "--overwrite") == 2
+    assert "must differ from the input" in capsys.readouterr().err
+    assert stack_file.read_bytes() == before
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing input", "input: no such file"),
+    ("text input", "input: expected a TIFF file"),
+    ("truncated input", "input: TIFF file is truncated"),
+    ("image as model", "model: expected a napari-tiled-unet model file"),
+    ("unknown device", "device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"),
+    ("wrong channels", "the model expects 1 input channel(s), got 3"),
+    ("bad tile", "--tile: expected a positive integer or 'auto'"),
+])
+def test_bad_input_fails_before_work_with_a_clear_message(
+        problem, message, tmp_path, model_file, stack_file, capsys):
+    text = tmp_path / "notes.tif"
+    text.write_text("not an image")
+    truncated = tmp_path / "cut.tif"
+    truncated.write_bytes(stack_file.read_bytes()[:30000])
+    args = {
+        "missing input": [tmp_path / "nope.tif", "--model", model_file],
+        "text input": [text, "--model", model_file],
+        "truncated input": [truncated, "--model", model_file],
+        "image as model": [stack_file, "--model", stack_file],
+        "unknown device": [stack_file, "--model", model_file, "--device", "gpu0"],
+        "wrong channels": [stack_file, "--model", model_file, "--channel-axis", "0"],
+        "bad tile": [stack_file, "--model", model_file, "--tile", "big"],
+    }[problem]
+    assert segment(*args, "-o", tmp_path / "out.tif") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_stop_mid_run_leaves_no_output_and_no_partial_file(tmp_path, model_file, stack_file,
+                                                           monkeypatch):
+    polls = []
+    monkeypatch.setattr(cli._StopFlag, "__call__", lambda self: polls.append(1) or len(polls) > 2)
+    code = segment(stack_file, "-o", tmp_path / "labels.tif", "--model", model_file,
+                   "--probabilities", tmp_path / "prob.tif", "--tile", 50, "--batch", 2)
+    assert code == 130 and len(polls) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "stack.tif"]
+
+
+def test_info_describes_the_model(model_file, capsys):
+    assert cli.main(["info", str(model_file)]) == 0
+    text = capsys.readouterr().out
+    assert "U-Net depth 2, 3 base channels, valid padding" in text
+    assert "margin:         40 px" in text
+
+
+def test_console_script_runs_as_a_program(tmp_path, model_file, stack_file):
+    result = subprocess.run(
+        [sys.executable, "-m", "napari_tiled_unet.cli", "segment", str(stack_file), "-o",
+         str(tmp_path / "l.tif"), "--model", str(model_file), "--quiet"],
+        capture_output=True, text=True, check=True,
+    )
+    assert result.stdout.startswith(f"{tmp_path / 'l.tif'}: ")
+    assert "object" in result.stdout and "in 3 plane(s)" in result.stdout

@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument("--probabilities", type=Path, help="also write foreground probabilities")
     segment.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     segment.add_argument("--tile", default="auto", help="input tile size in pixels, or auto")
-    segment.add_argument("--batch", type=int, default=4, help="tiles per forward pass (default 4)")
+    segment.add_argument("--batch", default="auto", help="tiles per forward pass (default auto: 4 on CUDA, 1 on CPU)")
     segment.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
     segment.add_argument("--threshold", type=float, default=0.5, help="foreground threshold")
     segment.add_argument("--min-size", type=int, default=0, help="drop smaller objects (pixels)")
@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _segment(args) -> int:
-    from .core.io import IncompleteWrite, read_tiff, write_tiff_streams
+    from .core.io import IncompleteWrite, read_tiff, release_mapped_pages, write_tiff_streams
     from .core.modelfile import load_model
     from .core.postprocess import check_postprocess_options
     from .core.predict import predict
@@ -78,16 +78,17 @@ def _segment(args) -> int:
     stop = _StopFlag()
     sink = _PlaneBuffer(_leading_shape(image.shape, channel_axis), image.shape[-2:])
     events = predict(
-        model, image.data, sink, channel_axis=channel_axis, tile=_tile(args.tile),
-        batch=args.batch, device=args.device, precision=args.precision, should_stop=stop,
+        model, image.data, sink, channel_axis=channel_axis, tile=_positive_or_auto("--tile", args.tile),
+        batch=_positive_or_auto("--batch", args.batch), device=args.device, precision=args.precision, should_stop=stop,
     )
     counts: list[int] = []
-    rows = _label_rows(events, sink, args, counts, quiet=args.quiet)
+    rows = _label_rows(events, sink, args, counts, on_plane=lambda: release_mapped_pages(image.data))
     plane_shape = sink.shape
     axes = "".join(a for i, a in enumerate(image.axes) if i != _axis_index(channel_axis, image))
-    targets = [(outputs[0], plane_shape, _labels_dtype(sink, args.min_size), axes)]
+    # Labels compress many times over, which matters when their dtype must be wide.
+    targets = [(outputs[0], plane_shape, _labels_dtype(sink, args.min_size), axes, True)]
     if args.probabilities:
-        targets.append((outputs[1], plane_shape, np.float32, axes))
+        targets.append((outputs[1], plane_shape, np.float32, axes, False))
     try:
         with stop.installed():
             write_tiff_streams(targets, rows)
@@ -121,13 +122,16 @@ def _model_path(path: Path | None) -> Path:
     return DEFAULT_MODEL
 
 
-def _tile(text):
+def _positive_or_auto(option, text):
     if text == "auto":
         return "auto"
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise UsageError(f"--tile: expected a positive integer or 'auto', got {text!r}") from None
+        value = 0
+    if value < 1:
+        raise UsageError(f"{option}: expected a positive integer or 'auto', got {text!r}")
+    return value
 
 
 def _axis_index(channel_axis, image):
@@ -148,11 +152,11 @@ def _labels_dtype(sink, min_size) -> np.dtype:
     return labels_dtype(height * width // max(min_size, 1))
 
 
-def _label_rows(events, sink, args, counts, quiet):
+def _label_rows(events, sink, args, counts, on_plane):
     """Drive the engine; yield (labels, probabilities) for each plane as it completes."""
     from .core.postprocess import label_plane
 
-    bar = _ProgressBar(quiet)
+    bar = _ProgressBar(args.quiet)
     emitted = 0
     try:
         for event in events:
@@ -164,6 +168,7 @@ def _label_rows(events, sink, args, counts, quiet):
                 labels = label_plane(probability, args.threshold, args.min_size)
                 counts.append(int(labels.max()))
                 emitted += 1
+                on_plane()
                 yield labels, probability
     finally:
         bar.close()

@@ -66,7 +66,7 @@ def bad(image=None, **options):
     (bad(device="tpu"), "device: expected 'auto', 'cpu', 'cuda'"),
     (bad(device="cuda:0"), "device: 'cuda:0' requested, but no CUDA device"),
     (bad(tile=0), "tile: expected 'auto'"),
-    (bad(batch=0), "batch: expected a positive integer"),
+    (bad(batch=0), "batch: expected .auto. or a positive integer"),
     (bad(precision="fp8"), "precision: expected one of"),
     (bad(out=np.zeros((31, 30), np.float32)), r"out: expected shape \(30, 30\)"),
     (bad(out=np.zeros((30, 30), np.uint8)), "out: expected a float dtype"),
@@ -74,3 +74,28 @@ def bad(image=None, **options):
 def test_bad_input_is_rejected_when_predict_is_called(case, match):
     with pytest.raises(ValueError, match=match):
         case()  # raised by the call itself, before the generator does any work
+
+
+def test_out_of_memory_retries_with_a_smaller_tile_and_stays_exact(rng, monkeypatch):
+    import torch
+
+    from napari_tiled_unet.core import predict as engine
+
+    model = make_model(depth=2)
+    image = rng.random((2, 150, 170), dtype=np.float32)
+    expected = predict_array(model, image, tile=200)
+    real = engine._Runner._probabilities
+    seen = []
+
+    def small_gpu(self, x):
+        seen.append(tuple(x.shape[-2:]))
+        if max(x.shape[-2:]) > 120:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, x)
+
+    monkeypatch.setattr(engine._Runner, "_probabilities", small_gpu)
+    out = np.zeros(image.shape, np.float32)
+    events = list(predict(model, image, out, tile=200, batch=2))
+    assert max(seen[0]) > 120 and max(events[-1].tile_shape) <= 120
+    assert events[-1].done == events[-1].total and events[-1].planes_done == 2
+    assert np.abs(out - expected).max() <= 1e-5

@@ -123,11 +123,25 @@ def _yx_last(data, axes: str, path, name) -> LazyImage:
     return LazyImage(data, axes, channel)
 
 
+def release_mapped_pages(data) -> None:
+    """Let the OS drop this process's resident pages of a memory-mapped input.
+
+    Pages of a file mapping count in the process's RSS once read; streaming a stack through a
+    memmap would otherwise "grow" RSS to the stack's size although nothing holds the data.
+    Pages read again later come back from the page cache. No-op for other arrays.
+    """
+    import mmap
+
+    mapping = getattr(data, "_mmap", None)
+    if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
 class IncompleteWrite(RuntimeError):
     """The plane source ended early (cancelled); nothing was written at the target path."""
 
 
-def write_tiff_stream(path, shape, dtype, axes: str | None, planes) -> Path:
+def write_tiff_stream(path, shape, dtype, axes: str | None, planes, compress: bool = False) -> Path:
     """Write a stack plane by plane, atomically.
 
     Planes are pulled from ``planes`` one at a time, so memory holds one plane. The data goes to
@@ -144,6 +158,8 @@ def write_tiff_stream(path, shape, dtype, axes: str | None, planes) -> Path:
     axes : str or None
         Axis letters, one per entry of ``shape``, stored as metadata.
     planes : iterable of numpy.ndarray, each shape (Y, X)
+    compress : bool
+        zlib (level 1) per plane: fast, and label images shrink many times.
 
     Raises
     ------
@@ -163,6 +179,8 @@ def write_tiff_stream(path, shape, dtype, axes: str | None, planes) -> Path:
                 _checked_planes(planes, shape[-2:], dtype, expected),
                 shape=shape, dtype=dtype, photometric="minisblack",
                 metadata={"axes": axes} if axes else {},
+                compression="zlib" if compress else None,
+                compressionargs={"level": 1} if compress else None,
             )
         os.replace(tmp, path)
     finally:
@@ -190,7 +208,7 @@ def write_tiff_streams(targets, rows) -> list[Path]:
 
     Parameters
     ----------
-    targets : list of (path, shape, dtype, axes)
+    targets : list of (path, shape, dtype, axes, compress)
         One entry per file, as the arguments of :func:`write_tiff_stream`.
     rows : iterable of tuples of numpy.ndarray
         The k-th plane of every file, in the order of ``targets``.
@@ -203,14 +221,14 @@ def write_tiff_streams(targets, rows) -> list[Path]:
     import threading
 
     if len(targets) == 1:
-        return [write_tiff_stream(*targets[0], (row[0] for row in rows))]
+        return [write_tiff_stream(*targets[0][:4], (row[0] for row in rows), *targets[0][4:])]
     handoffs = [queue.Queue(maxsize=1) for _ in targets[1:]]
     errors: list[BaseException] = []
 
     def side_writer(target, handoff):
         planes = _until_end(handoff)
         try:
-            write_tiff_stream(*target, planes)
+            write_tiff_stream(*target[:4], planes, *target[4:])
         except BaseException as error:  # reported on the main thread below
             errors.append(error)
             for _ in planes:  # keep the producer from blocking on a full hand-off
@@ -232,7 +250,7 @@ def write_tiff_streams(targets, rows) -> list[Path]:
                 handoff.put(_END)
 
     try:
-        written = [write_tiff_stream(*targets[0], first_planes())]
+        written = [write_tiff_stream(*targets[0][:4], first_planes(), *targets[0][4:])]
     finally:
         for thread in threads:
             thread.join()

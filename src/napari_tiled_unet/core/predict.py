@@ -2,8 +2,8 @@
 
 The engine reads the input tile by tile (numpy, memmap, zarr or dask arrays) and writes each
 output tile into an array the caller provides, so memory is bounded by the tile batch, not by
-the stack. On CUDA it runs under autocast (bf16 where supported, else fp16) with channels_last,
-copies batches through pinned host buffers while the previous batch computes, picks the tile
+the stack. Convolutions run channels_last. On CUDA it runs under autocast (bf16 where
+supported, else fp16), copies batches through pinned host buffers while the previous batch computes, picks the tile
 size from free GPU memory and retries with a smaller tile after an out-of-memory error.
 """
 
@@ -21,7 +21,7 @@ from .tiling import TilePlan, plan_axis, plan_tiles, read_tile
 
 OUTPUTS = ("foreground", "classes")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_CPU_ACTIVATION_BUDGET = 1 << 30
+_CPU_ACTIVATION_BUDGET = 3 << 29  # 1.5 GiB
 _GPU_MEMORY_FRACTION = 0.5
 _MAX_TILE = 4096
 
@@ -57,7 +57,7 @@ def predict(
     channel_axis: int | None = None,
     output: str = "foreground",
     tile: int | str | tuple[int, int] = "auto",
-    batch: int = 4,
+    batch: int | str = "auto",
     device: str = "auto",
     precision: str = "auto",
     normalization: Normalization | None = None,
@@ -82,10 +82,11 @@ def predict(
     channel_axis : int, optional
         Axis of ``image`` holding channels; required when the model has several input channels.
     tile : "auto", int or (int, int)
-        Input tile size; "auto" picks it from free GPU memory (CUDA) or a 1 GiB activation
+        Input tile size; "auto" picks it from free GPU memory (CUDA) or a 1.5 GiB activation
         budget (CPU). Shrunk when larger than the image needs.
-    batch : int
-        Tiles per forward pass.
+    batch : "auto" or int
+        Tiles per forward pass; "auto" is 4 on CUDA and 1 on CPU (where batching does not
+        speed convolutions up but multiplies memory).
     device : str
         "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
     precision : {"auto", "fp32", "bf16", "fp16"}
@@ -205,9 +206,11 @@ class _Job:
             raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
         _check_out(out, _expected_out_shape(model, image, channel_axis, output))
         _check_tile(tile)
-        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
-            raise ValueError(f"batch: expected a positive integer, got {batch!r}")
         torch_device = resolve_device(device)
+        if batch == "auto":
+            batch = 4 if torch_device.type == "cuda" else 1
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise ValueError(f"batch: expected 'auto' or a positive integer, got {batch!r}")
         precision = _resolve_precision(precision, torch_device)
         norm = normalization or getattr(model, "normalization", None) or Normalization("none")
         return cls(model, image, out, channel_axis, output, tile, int(batch), torch_device,
@@ -231,7 +234,7 @@ class _Job:
             try:
                 yield from self._run_planes(plan, leads, first_incomplete)
                 return
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:
                 first_incomplete = self._complete_planes
                 tile = _smaller_tile(plan, self.model)
                 torch.cuda.empty_cache()
@@ -295,16 +298,21 @@ class _Runner:
         self.output = output
         self.cuda = device.type == "cuda"
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        # NHWC convolutions are faster on both oneDNN (CPU, ~1.4x measured) and cuDNN.
+        model.to(memory_format=torch.channels_last)
         if self.cuda:
-            model.to(memory_format=torch.channels_last)
             self.copy_stream = torch.cuda.Stream(device)
 
     def submit(self, batch: np.ndarray):
         torch = self.torch
         host = torch.from_numpy(batch)
         if not self.cuda:
-            return self._probabilities(host)
-        host = host.pin_memory()
+            return self._probabilities(host.contiguous(memory_format=torch.channels_last))
+        with torch.cuda.device(self.device):
+            return self._submit_cuda(host.pin_memory())
+
+    def _submit_cuda(self, host):
+        torch = self.torch
         with torch.cuda.stream(self.copy_stream):
             staged = host.to(self.device, non_blocking=True)
         torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
@@ -421,12 +429,17 @@ def _auto_tile(model, device, precision, batch) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         budget = _GPU_MEMORY_FRACTION * free
         per_pixel = _measured_bytes_per_pixel(model, device, precision)
+        cap = _MAX_TILE
     else:
         budget = _CPU_ACTIVATION_BUDGET
-        # Skip connections hold ~2 base-width maps, the top decoder level ~6 more, in float32.
-        per_pixel = 4 * 8 * model.config.base_channels
+        # Peak RSS per input pixel measured on CPU: ~10 float32 maps of base width plus fixed
+        # costs (input, normalisation, probabilities).
+        per_pixel = 4 * (10 * model.config.base_channels + 40)
+        # CPU convolutions run fastest on moderate tiles (cache); keep the overlap waste of the
+        # margin small all the same.
+        cap = max(512, 5 * model.margin)
     side = int(math.sqrt(budget / (per_pixel * batch)))
-    return max(model.legal_input_size(1), min(side, _MAX_TILE))
+    return max(model.legal_input_size(1), min(side, cap))
 
 
 def _measured_bytes_per_pixel(model, device, precision) -> float:
@@ -467,5 +480,5 @@ def _smaller_tile(plan: TilePlan, model) -> tuple[int, int]:
     if max(plan.input_shape) <= floor:
         import torch
 
-        raise torch.OutOfMemoryError("out of memory even with the smallest legal tile")
+        raise torch.cuda.OutOfMemoryError("out of memory even with the smallest legal tile")
     return tuple(max(floor, int(n * 0.7)) for n in plan.input_shape)

@@ -10,7 +10,7 @@ size from free GPU memory and retries with a smaller tile after an out-of-memory
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable, Iterator
 
@@ -190,6 +190,8 @@ class _Job:
     precision: str
     normalization: Normalization
     should_stop: Callable[[], bool]
+    # Planes (in C order) whose every tile is written: where an out-of-memory retry resumes.
+    _complete_planes: int = field(default=0, init=False)
 
     @classmethod
     def checked(cls, model, image, out, channel_axis, output, tile, batch, device, precision,

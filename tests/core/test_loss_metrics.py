@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from napari_tiled_unet.core.loss import weighted_cross_entropy
+from napari_tiled_unet.core.metrics import match_objects, pixel_iou
+
+
+def test_unit_weights_equal_torch_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 9, 11)
+    target = torch.randint(0, 3, (2, 9, 11))
+    loss = weighted_cross_entropy(logits, target, torch.ones(2, 9, 11))
+    assert torch.allclose(loss, F.cross_entropy(logits, target), atol=1e-6)
+
+
+def test_ignored_pixels_contribute_nothing_to_loss_or_gradient():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 2, 6, 6, requires_grad=True)
+    target = torch.randint(0, 2, (1, 6, 6))
+    target[0, :3] = 99  # garbage class where ignored
+    weights = torch.ones(1, 6, 6)
+    weights[0, :3] = 0
+    weights[0, 4, 4] = 3.0
+    loss = weighted_cross_entropy(logits, target, weights)
+    per_pixel = F.cross_entropy(logits[..., 3:, :], target[:, 3:], reduction="none")
+    expected = (per_pixel * weights[:, 3:]).sum() / 18
+    assert torch.allclose(loss, expected, atol=1e-6)
+    loss.backward()
+    assert (logits.grad[..., :3, :] == 0).all() and (logits.grad[..., 3:, :] != 0).any()
+
+
+def test_loss_with_everything_ignored_is_zero():
+    logits = torch.randn(1, 2, 4, 4)
+    assert weighted_cross_entropy(logits, torch.zeros(1, 4, 4, dtype=torch.long),
+                                  torch.zeros(1, 4, 4)).item() == 0
+
+
+def test_object_matching_counts_tp_fp_fn():
+    truth = np.zeros((10, 20), np.uint16)
+    truth[1:5, 1:5] = 1     # matched (IoU 16/20)
+    truth[1:5, 10:14] = 2   # missed
+    predicted = np.zeros_like(truth)
+    predicted[1:5, 1:6] = 7
+    predicted[7:9, 15:19] = 3  # spurious
+    scores = match_objects(predicted, truth)
+    assert (scores.tp, scores.fp, scores.fn) == (1, 1, 1)
+    assert scores.ap == pytest.approx(1 / 3) and scores.f1 == pytest.approx(0.5)
+    assert match_objects(predicted, truth, threshold=0.85).tp == 0
+    assert pixel_iou(predicted, truth) == pytest.approx(16 / (20 + 16 + 8))

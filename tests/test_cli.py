@@ -111,3 +111,26 @@ def test_console_script_runs_as_a_program(tmp_path, model_file, stack_file):
     )
     assert result.stdout.startswith(f"{tmp_path / 'l.tif'}: ")
     assert "object" in result.stdout and "in 3 plane(s)" in result.stdout
+
+
+def test_train_writes_a_model_that_segment_uses(tmp_path, capsys):
+    from .synthetic import touching_blobs
+
+    images, labels = [], []
+    for seed in range(3):
+        image, truth = touching_blobs(seed, size=96)
+        images.append(tmp_path / f"img{seed}.tif")
+        labels.append(tmp_path / f"lab{seed}.tif")
+        tifffile.imwrite(images[-1], image)
+        tifffile.imwrite(labels[-1], truth.astype(np.uint16))
+    model = tmp_path / "trained.safetensors"
+    code = cli.main(["train", "--images", *map(str, images), "--labels", *map(str, labels),
+                     "-o", str(model), "--iterations", "6", "--validate-every", "3", "--patch", "92",
+                     "--depth", "2", "--base-channels", "4", "--device", "cpu", "--quiet"])
+    summary = capsys.readouterr().out
+    assert code == 0 and model.is_file()
+    assert summary.startswith("done after 6 iterations") and f"model: {model}" in summary
+    assert segment(images[0], "-o", tmp_path / "seg.tif", "--model", model) == 0
+    assert cli.main(["train", "--images", str(images[0]), "--labels", str(labels[0]),
+                     "-o", str(model)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err

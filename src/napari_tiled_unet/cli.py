@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
     segment.set_defaults(run=_segment)
+    _add_train_parser(commands)
     info = commands.add_parser("info", help="describe a model file")
     info.add_argument("model", type=Path)
     info.set_defaults(run=_info)
@@ -237,6 +238,125 @@ class _StopFlag:
 
     def _request(self, *_):
         self.requested = True
+
+
+def _add_train_parser(commands):
+    train = commands.add_parser(
+        "train", help="train a model from images and instance label images",
+        description="Train a U-Net with the border-weighted loss. Label 0 is background; with "
+                    "--regions, only inside the region (nonzero) and ignored outside it.",
+    )
+    train.add_argument("--images", type=Path, nargs="+", required=True, help="image TIFFs")
+    train.add_argument("--labels", type=Path, nargs="+", required=True,
+                       help="instance label TIFFs, one per image (same shape)")
+    train.add_argument("--regions", type=Path, nargs="+", help="masks of fully annotated regions")
+    train.add_argument("--ignore-label", type=int, help="label id to ignore")
+    train.add_argument("-o", "--output", type=Path, required=True, help="model file to write")
+    train.add_argument("--iterations", type=int, default=2000)
+    train.add_argument("--batch", type=int, default=4)
+    train.add_argument("--patch", type=int, default=252, help="input patch size (px)")
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                       help="adam, or the paper's SGD with momentum 0.99")
+    train.add_argument("--depth", type=int, default=3)
+    train.add_argument("--base-channels", type=int, default=16)
+    train.add_argument("--weights", choices=("paper", "fiji"), default="paper",
+                       help="border weights: paper (w0 10, sigma 5) or fiji (w0 50, sigma 6)")
+    train.add_argument("--w0", type=float, help="separation weight (default by --weights)")
+    train.add_argument("--sigma", type=float, help="separation width (default by --weights)")
+    train.add_argument("--pixel-size", type=float, help="pixel size; --sigma is then physical")
+    train.add_argument("--val-fraction", type=float, default=0.1)
+    train.add_argument("--validate-every", type=int, default=100)
+    train.add_argument("--init", type=Path, help="model file to fine-tune from")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
+
+
+def _train(args) -> int:
+    from .core.model import UNetConfig
+    from .core.train import TrainConfig, train
+
+    if args.output.exists() and not args.overwrite:
+        raise UsageError(f"--output: {args.output} exists; pass --overwrite to replace it")
+    samples = _training_samples(args)
+    paper = args.weights == "paper"
+    config = TrainConfig(
+        iterations=args.iterations, batch=args.batch, patch=args.patch, lr=args.lr,
+        optimizer=args.optimizer, weights=args.weights,
+        w0=args.w0 if args.w0 is not None else (10.0 if paper else 50.0),
+        sigma=args.sigma if args.sigma is not None else (5.0 if paper else 6.0),
+        pixel_size=args.pixel_size, ignore_label=args.ignore_label,
+        val_fraction=args.val_fraction, validate_every=args.validate_every, seed=args.seed,
+        device=args.device,
+    )
+    model_config = None if args.init else UNetConfig(
+        depth=args.depth, base_channels=args.base_channels,
+        in_channels=_channels(samples[0]),
+    )
+    stop = _StopFlag()
+    events = train(samples, args.output, config=config, model_config=model_config,
+                   init=args.init, should_stop=stop)
+    last = None
+    with stop.installed(), _TrainBar(args.quiet, args.iterations) as bar:
+        for last in events:
+            bar.update(last)
+    best = last.best or {}
+    status = "stopped" if last.stopped else "done"
+    print(f"{status} after {last.iteration} iterations in {last.seconds:.0f} s; best validation "
+          f"AP@0.5 {best.get('ap50', float('nan')):.3f}, pixel IoU {best.get('iou', float('nan')):.3f} "
+          f"(iteration {best.get('iteration', '-')}); model: {args.output}")
+    return 0
+
+
+def _training_samples(args):
+    from .core.io import read_tiff
+    from .core.train import Sample
+
+    if len(args.labels) != len(args.images):
+        raise UsageError(f"--labels: expected one per image ({len(args.images)}), got {len(args.labels)}")
+    if args.regions and len(args.regions) != len(args.images):
+        raise UsageError(f"--regions: expected one per image ({len(args.images)}), got {len(args.regions)}")
+    regions = args.regions or [None] * len(args.images)
+    samples = []
+    for image_path, labels_path, region_path in zip(args.images, args.labels, regions):
+        image = read_tiff(image_path, name="--images")
+        labels = np.asarray(read_tiff(labels_path, name="--labels").data)
+        region = None if region_path is None else np.asarray(read_tiff(region_path, name="--regions").data) != 0
+        samples.append(Sample(np.asarray(image.data), labels, region, image.channel_axis))
+    return samples
+
+
+def _channels(sample) -> int:
+    return 1 if sample.channel_axis is None else sample.image.shape[sample.channel_axis]
+
+
+class _TrainBar:
+    def __init__(self, quiet, total):
+        self.quiet, self.total, self.bar = quiet, total, None
+
+    def __enter__(self):
+        if not self.quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="it", file=sys.stderr)
+        return self
+
+    def update(self, event):
+        if self.bar is None:
+            return
+        self.bar.n = event.iteration
+        shown = {"loss": f"{event.loss:.4f}"}
+        if event.best:
+            shown.update(val_ap50=f"{event.best['ap50']:.3f}", val_iou=f"{event.best['iou']:.3f}")
+        self.bar.set_postfix(shown, refresh=True)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
 
 
 def _info(args) -> int:

@@ -1,0 +1,406 @@
+"""Training from annotations with the border-weighted loss, as a generator of progress events.
+
+Data are (image, labels[, region]) samples; images may be stacks, of which only annotated planes
+are used. Label 0 is background inside the region (the whole plane without one) and ignored
+outside it; an optional ignore label is ignored everywhere. Patches are drawn with a bias
+towards foreground, augmented on the device, and the loss is the weighted softmax
+cross-entropy on the valid output of the network. The best model by validation is written
+atomically after each validation, so stopping at any time leaves a loadable model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .augment import Augmentation
+from .model import UNet, UNetConfig
+from .normalize import Normalization
+from .tiling import mirror_indices
+from .weights import border_weight_map, separate_touching
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class Sample:
+    """One annotated image.
+
+    Attributes
+    ----------
+    image : numpy.ndarray, shape (..., Y, X), or (..., C, Y, X) with ``channel_axis``
+    labels : numpy.ndarray of int, shape of the image without its channel axis
+        Instance ids; 0 = background (inside ``region``).
+    region : numpy.ndarray of bool, optional, shape of ``labels``
+        Where the annotation is complete; outside it pixels are ignored.
+    channel_axis : int, optional
+    """
+
+    image: np.ndarray
+    labels: np.ndarray
+    region: np.ndarray | None = None
+    channel_axis: int | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings (defaults: the paper's loss, Adam at 1e-4)."""
+
+    iterations: int = 2000
+    batch: int = 4
+    patch: int = 252
+    lr: float = 1e-4
+    optimizer: str = "adam"
+    w0: float = 10.0
+    sigma: float = 5.0
+    weights: str = "paper"
+    pixel_size: float | None = None
+    ignore_label: int | None = None
+    val_fraction: float = 0.1
+    validate_every: int = 100
+    foreground_bias: float = 10.0
+    augmentation: Augmentation = field(default_factory=Augmentation)
+    normalization: Normalization = field(default_factory=Normalization)
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    """Progress of a training run.
+
+    Attributes
+    ----------
+    iteration, iterations : int
+    loss : float
+        Training loss of this iteration's batch.
+    metrics : dict or None
+        Validation metrics (``iou``, ``ap50``, ``f1``) when this event follows a validation.
+    best : dict or None
+        Best validation so far (with its ``iteration``).
+    seconds : float
+        Wall time since the start.
+    stopped : bool
+        True on the last event when ``should_stop`` ended the run.
+    """
+
+    iteration: int
+    iterations: int
+    loss: float
+    metrics: dict | None
+    best: dict | None
+    seconds: float
+    stopped: bool = False
+
+
+@dataclass
+class TrainingPlane:
+    """One annotated plane, prepared for training."""
+
+    source: tuple         # (sample index, leading index of the plane in its stack)
+    image: np.ndarray     # (C, Y, X) float32, normalised
+    target: np.ndarray    # (Y, X) int64: 0 background, 1 foreground (gaps made)
+    weights: np.ndarray   # (Y, X) float32, 0 = ignored
+    truth: np.ndarray     # (Y, X) instance ids inside the region, for validation
+    foreground: np.ndarray  # (K, 2) coordinates of foreground pixels
+
+
+def train(samples: Sequence[Sample], output, *, config: TrainConfig = TrainConfig(),
+          model_config: UNetConfig | None = None, init=None,
+          should_stop: Callable[[], bool] | None = None) -> Iterator[TrainEvent]:
+    """Train a U-Net on ``samples`` and write the best model to ``output``.
+
+    Arguments are checked, and the annotated planes prepared, when this function is called;
+    training runs as the returned generator is consumed.
+
+    Parameters
+    ----------
+    samples : sequence of Sample
+    output : str or Path
+        Model file written (atomically) after each validation that improves, and at a stop.
+    config : TrainConfig
+    model_config : UNetConfig, optional
+        Architecture for training from scratch (default: depth 3, 16 base channels).
+    init : str or Path, optional
+        Model file to fine-tune from (its architecture and normalisation are kept).
+    should_stop : callable, optional
+        Polled every iteration; a stop saves the model and yields a last event.
+
+    Returns
+    -------
+    generator of TrainEvent
+    """
+    session = _Session.prepared(samples, Path(output), config, model_config, init,
+                                should_stop or (lambda: False))
+    return session.run()
+
+
+@dataclass
+class _Session:
+    model: UNet
+    train_planes: list
+    val_planes: list
+    output: Path
+    config: TrainConfig
+    should_stop: Callable[[], bool]
+
+    @classmethod
+    def prepared(cls, samples, output, config, model_config, init, should_stop):
+        _check_config(config)
+        model = _initial_model(model_config, init)
+        _check_patch(model, config.patch)
+        if not output.parent.is_dir():
+            raise ValueError(f"output: folder {output.parent} does not exist")
+        planes = annotated_planes(samples, config, model)
+        if not planes:
+            raise ValueError("labels: no annotated plane (every plane is empty or outside its region)")
+        train_planes, val_planes = _split(_group(planes), config)
+        return cls(model, train_planes, val_planes, output, config, should_stop)
+
+    def run(self) -> Iterator[TrainEvent]:
+        import torch
+
+        from .predict import resolve_device
+
+        config, start = self.config, time.perf_counter()
+        device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        generator = torch.Generator().manual_seed(config.seed)
+        rng = np.random.default_rng(config.seed)
+        model = self.model.to(device).train()
+        optimizer = _optimizer(model, config)
+        best, loss = None, float("nan")
+        for iteration in range(1, config.iterations + 1):
+            if self.should_stop():
+                if best is None:  # nothing written yet: keep what was learnt so far
+                    self._save(model, iteration - 1, None)
+                yield TrainEvent(iteration - 1, config.iterations, loss, None, best,
+                                 time.perf_counter() - start, stopped=True)
+                return
+            loss = self._step(model, optimizer, rng, generator, device)
+            metrics = None
+            if iteration % config.validate_every == 0 or iteration == config.iterations:
+                metrics = dict(self._validate(model, device), iteration=iteration)
+                if best is None or (metrics["ap50"], metrics["iou"]) >= (best["ap50"], best["iou"]):
+                    best = metrics
+                    self._save(model, iteration, best)
+            yield TrainEvent(iteration, config.iterations, loss, metrics, best,
+                             time.perf_counter() - start)
+
+    def _step(self, model, optimizer, rng, generator, device) -> float:
+        import torch
+
+        from .augment import augment
+        from .loss import weighted_cross_entropy
+
+        image, target, weights = _batch(self.train_planes, self.config, rng)
+        image, target, weights = augment(
+            torch.from_numpy(image).to(device), torch.from_numpy(target).to(device),
+            torch.from_numpy(weights).to(device), self.config.augmentation, generator,
+        )
+        crop = model.margin // 2
+        inner = (slice(None), slice(crop, target.shape[-2] - crop), slice(crop, target.shape[-1] - crop))
+        loss = weighted_cross_entropy(model(image), target[inner], weights[inner])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    def _validate(self, model, device) -> dict:
+        from .metrics import match_objects, pixel_iou
+        from .postprocess import label_plane
+        from .predict import predict_array
+
+        model.eval()
+        ious, scores = [], []
+        for plane in self.val_planes:
+            probability = predict_array(model, plane.image, channel_axis=0, device=str(device),
+                                        normalization=Normalization("none"))
+            predicted = label_plane(probability) * (plane.weights > 0)
+            ious.append(pixel_iou(predicted, plane.truth))
+            scores.append(match_objects(predicted, plane.truth))
+        model.train()
+        tp, fp, fn = (sum(getattr(s, k) for s in scores) for k in ("tp", "fp", "fn"))
+        return {
+            "iou": float(np.mean(ious)),
+            "ap50": tp / max(tp + fp + fn, 1),
+            "f1": 2 * tp / max(2 * tp + fp + fn, 1),
+        }
+
+    def _save(self, model, iteration, best):
+        from .modelfile import save_model
+
+        previous = dict(getattr(self.model, "metadata", {}) or {})
+        metadata = {
+            "trained_iterations": iteration + int(previous.get("trained_iterations", 0)),
+            "validation": best,
+            "loss": {"w0": self.config.w0, "sigma": self.config.sigma,
+                     "weights": self.config.weights},
+            "training_planes": len(self.train_planes),
+            "validation_planes": len(self.val_planes),
+        }
+        save_model(model, self.output, normalization=self.config.normalization, metadata=metadata)
+
+
+def _initial_model(model_config, init) -> UNet:
+    if init is not None:
+        from .modelfile import load_model
+
+        return load_model(init)  # raises FileNotFoundError / ValueError naming "model"
+    return UNet(model_config or UNetConfig(depth=3, base_channels=16))
+
+
+def _check_config(config: TrainConfig):
+    positive = {"iterations": config.iterations, "batch": config.batch,
+                "validate_every": config.validate_every}
+    for name, value in positive.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise ValueError(f"lr: expected a positive number, got {config.lr!r}")
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {config.optimizer!r}")
+    if not 0 <= config.val_fraction < 1:
+        raise ValueError(f"val_fraction: expected a number in [0, 1), got {config.val_fraction!r}")
+
+
+def _check_patch(model: UNet, patch):
+    smallest = model.legal_input_size(1)
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < smallest:
+        raise ValueError(
+            f"patch: expected an input size of at least {smallest} px for this model "
+            f"(margin {model.margin}), got {patch!r}"
+        )
+    if model.output_size(patch) is None:
+        legal = model.legal_input_size(patch - model.margin)
+        raise ValueError(f"patch: {patch} px is not a legal input size for this model; try {legal}")
+
+
+def annotated_planes(samples: Sequence[Sample], config: TrainConfig, model: UNet) -> list:
+    """The planes training uses: those with an annotation (a label, or a region), prepared
+    (normalised image, target with gaps, weight map, foreground coordinates).
+
+    Returns
+    -------
+    list of TrainingPlane
+    """
+    planes = []
+    for index, sample in enumerate(samples):
+        image, labels, region = _checked_sample(sample, index, model)
+        for lead in np.ndindex(*labels.shape[:-2]):
+            plane = _prepared_plane(image[lead], labels[lead],
+                                    None if region is None else region[lead], config)
+            if plane is not None:
+                plane.source = (index, lead)
+                planes.append(plane)
+    return planes
+
+
+def _checked_sample(sample: Sample, index: int, model: UNet):
+    image = np.asarray(sample.image)
+    labels = np.asarray(sample.labels)
+    where = f"sample {index}"
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels ({where}): expected integer instance ids, got dtype {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"labels ({where}): expected non-negative ids, got minimum {labels.min()}")
+    if sample.channel_axis is None:
+        image = image[..., None, :, :]
+    else:
+        image = np.moveaxis(image, sample.channel_axis, -3)
+    if image.shape[:-3] + image.shape[-2:] != labels.shape or labels.ndim < 2:
+        raise ValueError(
+            f"labels ({where}): expected the image's shape without channels "
+            f"{image.shape[:-3] + image.shape[-2:]}, got {labels.shape}"
+        )
+    if image.shape[-3] != model.config.in_channels:
+        raise ValueError(f"image ({where}): the model expects {model.config.in_channels} "
+                         f"channel(s), got {image.shape[-3]}")
+    if image.size == 0 or not np.isfinite(image).all():
+        raise ValueError(f"image ({where}): expected a non-empty image of finite values")
+    region = None if sample.region is None else np.asarray(sample.region).astype(bool)
+    if region is not None and region.shape != labels.shape:
+        raise ValueError(f"region ({where}): expected shape {labels.shape}, got {region.shape}")
+    return image, labels, region
+
+
+def _prepared_plane(image, labels, region, config: TrainConfig):
+    ignored = np.zeros(labels.shape, bool) if config.ignore_label is None else labels == config.ignore_label
+    ids = np.where(ignored, 0, labels)
+    valid = ~ignored if region is None else (region & ~ignored)
+    if not valid.any() or (region is None and not ids.any()):
+        return None
+    separated = separate_touching(ids)
+    weights = border_weight_map(separated, config.w0, config.sigma, variant=config.weights,
+                                pixel_size=config.pixel_size) * valid
+    offset, scale = config.normalization.plane_stats(image)
+    return TrainingPlane(
+        source=(),
+        image=((image.astype(np.float32) - offset) * scale).astype(np.float32),
+        target=(separated > 0).astype(np.int64),
+        weights=weights.astype(np.float32),
+        truth=np.where(valid, ids, 0),
+        foreground=np.argwhere((separated > 0) & valid),
+    )
+
+
+def _group(planes):
+    groups: dict[int, list] = {}
+    for plane in planes:
+        groups.setdefault(plane.source[0], []).append(plane)
+    return groups
+
+
+def _split(groups: dict, config: TrainConfig):
+    """Hold out whole samples when there are several, else planes; nothing when only one plane."""
+    rng = np.random.default_rng(config.seed)
+    units = list(groups.values()) if len(groups) > 1 else [[p] for p in next(iter(groups.values()))]
+    if len(units) < 2 or config.val_fraction == 0:
+        flat = [p for unit in units for p in unit]
+        return flat, flat  # validation on the training data: better than none for picking a model
+    held = max(1, round(config.val_fraction * len(units)))
+    order = rng.permutation(len(units))
+    val = [p for i in order[:held] for p in units[i]]
+    train = [p for i in order[held:] for p in units[i]]
+    return train, val
+
+
+def _batch(planes, config: TrainConfig, rng):
+    size = config.patch
+    images, targets, weights = [], [], []
+    for _ in range(config.batch):
+        plane = planes[rng.integers(len(planes))]
+        cy, cx = _patch_centre(plane, rng, config.foreground_bias)
+        rows, row_inside = _window(cy - size // 2, size, plane.target.shape[0])
+        cols, col_inside = _window(cx - size // 2, size, plane.target.shape[1])
+        images.append(plane.image[:, rows[:, None], cols[None, :]])
+        targets.append(plane.target[rows[:, None], cols[None, :]])
+        # Mirrored context is input only: no loss on pixels outside the image.
+        weights.append(plane.weights[rows[:, None], cols[None, :]]
+                       * (row_inside[:, None] & col_inside[None, :]))
+    return np.stack(images), np.stack(targets), np.stack(weights).astype(np.float32)
+
+
+def _patch_centre(plane: TrainingPlane, rng, foreground_bias: float):
+    # Foreground-centred patches outnumber random ones foreground_bias : 1 (Fiji plugin: 1 : 0.1).
+    if len(plane.foreground) and rng.random() < foreground_bias / (foreground_bias + 1):
+        return plane.foreground[rng.integers(len(plane.foreground))]
+    return rng.integers(plane.target.shape[0]), rng.integers(plane.target.shape[1])
+
+
+def _window(start, size, length):
+    index = np.arange(start, start + size)
+    return mirror_indices(start, size, length), (index >= 0) & (index < length)
+
+
+def _optimizer(model, config: TrainConfig):
+    import torch
+
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.99)
+    return torch.optim.Adam(model.parameters(), lr=config.lr)

@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+
+from napari_tiled_unet.core.metrics import pixel_iou
+from napari_tiled_unet.core.model import UNetConfig
+from napari_tiled_unet.core.modelfile import load_model
+from napari_tiled_unet.core.postprocess import label_plane
+from napari_tiled_unet.core.predict import predict_array
+from napari_tiled_unet.core.train import Sample, TrainConfig, annotated_planes, train
+
+from ..conftest import make_model
+from ..synthetic import separated_fraction, touching_blobs
+
+TINY = UNetConfig(depth=2, base_channels=8)
+
+
+def quick(**changes):
+    settings = dict(iterations=600, batch=4, patch=92, lr=1e-3, sigma=3.0, validate_every=150,
+                    device="cpu")
+    settings.update(changes)
+    return TrainConfig(**settings)
+
+
+def test_tiny_net_learns_to_segment_and_separate_touching_blobs(tmp_path):
+    samples = [Sample(*touching_blobs(seed)) for seed in range(8)]
+    events = list(train(samples, tmp_path / "m.safetensors", config=quick(), model_config=TINY))
+    assert [e.iteration for e in events] == list(range(1, 601))
+    assert [e.metrics["iteration"] for e in events if e.metrics] == [150, 300, 450, 600]
+    assert events[-1].loss < events[0].loss / 2
+    model = load_model(tmp_path / "m.safetensors")
+    assert model.metadata["validation"] == events[-1].best
+    ious, separated, touching = [], 0, 0
+    for seed in range(100, 104):  # held out: never seen in training
+        image, truth = touching_blobs(seed)
+        predicted = label_plane(predict_array(model, image))
+        ious.append(pixel_iou(predicted, truth))
+        done, total = separated_fraction(predicted, truth)
+        separated, touching = separated + done, touching + total
+    assert np.mean(ious) >= 0.85
+    assert touching >= 20 and separated / touching >= 0.8
+
+
+def test_only_annotated_planes_of_a_sparse_stack_are_used():
+    stack = np.random.default_rng(0).random((10, 64, 64), dtype=np.float32)
+    labels = np.zeros(stack.shape, np.int32)
+    labels[3, 10:20, 10:20] = 1
+    labels[7, 30:40, 30:50] = 5
+    planes = annotated_planes([Sample(stack, labels)], quick(), make_model(depth=2))
+    assert [p.source for p in planes] == [(0, (3,)), (0, (7,))]
+    assert planes[1].foreground[:, 0].min() == 30 and len(planes[1].foreground) == 200
+
+
+def test_region_limits_background_and_ignore_label_is_ignored():
+    image = np.random.default_rng(1).random((40, 40), dtype=np.float32)
+    labels = np.zeros((40, 40), np.int32)
+    labels[5:10, 5:10] = 1
+    labels[20:25, 20:25] = 9  # "not sure" label
+    region = np.zeros((40, 40), bool)
+    region[:30, :30] = True
+    config = quick(ignore_label=9)
+    (plane,) = annotated_planes([Sample(image, labels, region)], config, make_model(depth=2))
+    assert (plane.weights[~region] == 0).all()
+    assert (plane.weights[20:25, 20:25] == 0).all() and plane.target[20:25, 20:25].sum() == 0
+    assert (plane.weights[region & (labels == 0)] > 0).all()
+    assert set(np.unique(plane.truth)) == {0, 1}
+
+
+def test_stopping_leaves_a_loadable_model_and_fine_tuning_continues_it(tmp_path):
+    samples = [Sample(*touching_blobs(seed)) for seed in range(2)]
+    polls = []
+
+    def stop_after_three():
+        polls.append(1)
+        return len(polls) > 3
+
+    events = list(train(samples, tmp_path / "a.safetensors", config=quick(), model_config=TINY,
+                        should_stop=stop_after_three))
+    assert events[-1].stopped and events[-1].iteration == 3
+    first = load_model(tmp_path / "a.safetensors")
+    assert first.metadata["trained_iterations"] == 3
+    list(train(samples, tmp_path / "b.safetensors", config=quick(iterations=4, validate_every=2),
+               init=tmp_path / "a.safetensors"))
+    second = load_model(tmp_path / "b.safetensors")
+    assert second.config == first.config
+    assert second.metadata["trained_iterations"] == 3 + 4
+
+
+def bad_training(tmp_path, sample=None, **changes):
+    image, labels = touching_blobs(0, size=64, pairs=1, singles=1)
+    sample = sample or Sample(image, labels)
+    init = changes.pop("init", None)
+    return lambda: train([sample], tmp_path / "m.safetensors", config=quick(**changes),
+                         model_config=TINY, init=init)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("shape", "labels \\(sample 0\\): expected the image's shape"),
+    ("empty", "no annotated plane"),
+    ("float", "labels \\(sample 0\\): expected integer"),
+    ("negative", "labels \\(sample 0\\): expected non-negative"),
+    ("patch", "patch: expected an input size of at least 44 px"),
+    ("illegal patch", "patch: 90 px is not a legal input size for this model; try 92"),
+    ("init", "model: no such file"),
+])
+def test_bad_training_input_is_rejected_before_work(case, match, tmp_path):
+    image, labels = touching_blobs(0, size=64, pairs=1, singles=1)
+    call = {
+        "shape": bad_training(tmp_path, Sample(image, labels[:-1])),
+        "empty": bad_training(tmp_path, Sample(image, np.zeros_like(labels))),
+        "float": bad_training(tmp_path, Sample(image, labels.astype(np.float32))),
+        "negative": bad_training(tmp_path, Sample(image, labels - 1)),
+        "patch": bad_training(tmp_path, patch=40),
+        "illegal patch": bad_training(tmp_path, patch=90),
+        "init": bad_training(tmp_path, init=tmp_path / "missing.safetensors"),
+    }[case]
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        call()
+    assert not (tmp_path / "m.safetensors").exists()

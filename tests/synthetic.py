@@ -37,21 +37,3 @@ def touching_blobs(seed: int, size: int = 128, pairs: int = 6, singles: int = 4)
         placed.extend(centres)
     image += rng.normal(0, 0.05, image.shape).astype(np.float32)
     return image, labels
-
-
-def separated_fraction(predicted: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
-    """(separated, total) over touching ground-truth pairs: a pair is separated when its two
-    objects are covered mostly by two different predicted objects."""
-    pairs = set()
-    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
-        a = truth[max(dy, 0):, max(dx, 0): truth.shape[1] + min(dx, 0)]
-        b = truth[: truth.shape[0] - dy, max(-dx, 0): truth.shape[1] - max(dx, 0)]
-        both = (a > 0) & (b > 0) & (a != b)
-        pairs |= {tuple(sorted(p)) for p in zip(a[both].tolist(), b[both].tolist())}
-
-    def majority(obj):
-        ids, counts = np.unique(predicted[truth == obj], return_counts=True)
-        return ids[np.argmax(counts)]
-
-    separated = sum(1 for a, b in pairs if majority(a) and majority(b) and majority(a) != majority(b))
-    return separated, len(pairs)

@@ -49,3 +49,18 @@ def test_object_matching_counts_tp_fp_fn():
     assert scores.ap == pytest.approx(1 / 3) and scores.f1 == pytest.approx(0.5)
     assert match_objects(predicted, truth, threshold=0.85).tp == 0
     assert pixel_iou(predicted, truth) == pytest.approx(16 / (20 + 16 + 8))
+
+
+def test_touching_pairs_and_how_many_a_prediction_splits():
+    from napari_tiled_unet.core.metrics import split_touching_pairs, touching_pairs
+
+    truth = np.zeros((6, 12), np.int32)
+    truth[1:4, 1:4], truth[1:4, 4:7] = 1, 2   # side by side
+    truth[4, 7] = 3                           # diagonal neighbour of 2
+    truth[1:3, 9:11] = 4                      # alone
+    assert touching_pairs(truth) == {(1, 2), (2, 3)}
+    merged = np.where(truth > 0, 1, 0)
+    assert split_touching_pairs(merged, truth) == (0, 2)
+    assert split_touching_pairs(truth * 10, truth) == (2, 2)
+    missed = np.where(truth == 3, 0, truth)
+    assert split_touching_pairs(missed, truth) == (1, 2)

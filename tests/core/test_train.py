@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from napari_tiled_unet.core.metrics import pixel_iou
+from napari_tiled_unet.core.metrics import pixel_iou, split_touching_pairs
 from napari_tiled_unet.core.model import UNetConfig
 from napari_tiled_unet.core.modelfile import load_model
 from napari_tiled_unet.core.postprocess import label_plane
@@ -9,7 +9,7 @@ from napari_tiled_unet.core.predict import predict_array
 from napari_tiled_unet.core.train import Sample, TrainConfig, annotated_planes, train
 
 from ..conftest import make_model
-from ..synthetic import separated_fraction, touching_blobs
+from ..synthetic import touching_blobs
 
 TINY = UNetConfig(depth=2, base_channels=8)
 
@@ -34,7 +34,7 @@ def test_tiny_net_learns_to_segment_and_separate_touching_blobs(tmp_path):
         image, truth = touching_blobs(seed)
         predicted = label_plane(predict_array(model, image))
         ious.append(pixel_iou(predicted, truth))
-        done, total = separated_fraction(predicted, truth)
+        done, total = split_touching_pairs(predicted, truth)
         separated, touching = separated + done, touching + total
     assert np.mean(ious) >= 0.85
     assert touching >= 20 and separated / touching >= 0.8

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from napari_tiled_unet.core.metrics import touching_pairs
 from napari_tiled_unet.core.weights import CUTOFF, border_weight_map, separate_touching
 
 
@@ -15,16 +16,6 @@ def touching_discs(rng, shape=(96, 96), count=18, radius=(5, 10)):
         labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = index
     # Drop ids fully painted over so the count is well defined.
     return np.searchsorted(np.unique(labels), labels).astype(np.int32)
-
-
-def touching_pairs(labels):
-    pairs = set()
-    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
-        a = labels[max(dy, 0):, max(dx, 0): labels.shape[1] + min(dx, 0)]
-        b = labels[: labels.shape[0] - dy, max(-dx, 0): labels.shape[1] - max(dx, 0)]
-        both = (a > 0) & (b > 0) & (a != b)
-        pairs |= {tuple(sorted(p)) for p in zip(a[both].tolist(), b[both].tolist())}
-    return pairs
 
 
 def brute_force_term(labels, w0, sigma, sampling=(1.0, 1.0)):

@@ -74,3 +74,37 @@ def _iou_matrix(predicted, truth):
     area_t = np.bincount(t.ravel(), minlength=n_t + 1)[1:]
     union = area_p[:, None] + area_t[None, :] - overlap
     return np.divide(overlap, union, out=np.zeros_like(overlap), where=union > 0), n_p, n_t
+
+
+def touching_pairs(labels: np.ndarray) -> set[tuple[int, int]]:
+    """Pairs of distinct object ids that are 8-connected somewhere in ``labels`` (Y, X)."""
+    labels = np.asarray(labels)
+    pairs: set[tuple[int, int]] = set()
+    height, width = labels.shape
+    for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
+        a = labels[dy:, max(dx, 0): width + min(dx, 0)]
+        b = labels[: height - dy, max(-dx, 0): width - max(dx, 0)]
+        both = (a > 0) & (b > 0) & (a != b)
+        pairs |= {(min(p, q), max(p, q)) for p, q in zip(a[both].tolist(), b[both].tolist())}
+    return pairs
+
+
+def split_touching_pairs(predicted: np.ndarray, truth: np.ndarray) -> tuple[int, int]:
+    """How many touching ground-truth pairs the prediction splits, of how many.
+
+    A pair is split when its two objects are each covered mostly by a predicted object, and by
+    two different ones.
+
+    Returns
+    -------
+    (split, total) : (int, int)
+    """
+    pairs = touching_pairs(truth)
+    if not pairs:
+        return 0, 0
+    majority = {}
+    for obj in {o for pair in pairs for o in pair}:
+        covered, counts = np.unique(np.asarray(predicted)[truth == obj], return_counts=True)
+        majority[obj] = covered[np.argmax(counts)]
+    split = sum(1 for a, b in pairs if majority[a] and majority[b] and majority[a] != majority[b])
+    return split, len(pairs)

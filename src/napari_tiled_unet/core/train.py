@@ -59,6 +59,7 @@ class TrainConfig:
     w0: float = 10.0
     sigma: float = 5.0
     weights: str = "paper"
+    class_balance: bool = True
     pixel_size: float | None = None
     ignore_label: int | None = None
     val_fraction: float = 0.1
@@ -337,7 +338,8 @@ def _prepared_plane(image, labels, region, config: TrainConfig):
         return None
     separated = separate_touching(ids)
     weights = border_weight_map(separated, config.w0, config.sigma, variant=config.weights,
-                                pixel_size=config.pixel_size) * valid
+                                pixel_size=config.pixel_size,
+                                class_balance=config.class_balance) * valid
     offset, scale = config.normalization.plane_stats(image)
     return TrainingPlane(
         source=(),

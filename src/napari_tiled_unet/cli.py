@@ -1,4 +1,4 @@
-"""Command line: ``tiled-unet segment | info``.
+"""Command line: ``tiled-unet segment | train | info``.
 
 Everything is checked before work starts; outputs are written atomically and plane by plane, so
 a stack larger than memory streams from disk to disk and an interrupted run leaves no file.
@@ -268,6 +268,8 @@ def _add_train_parser(commands):
     train.add_argument("--val-fraction", type=float, default=0.1)
     train.add_argument("--validate-every", type=int, default=100)
     train.add_argument("--init", type=Path, help="model file to fine-tune from")
+    train.add_argument("--resume", action="store_true",
+                       help="continue a stopped run into the same output from its checkpoint")
     train.add_argument("--device", default="auto")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -279,8 +281,10 @@ def _train(args) -> int:
     from .core.model import UNetConfig
     from .core.train import TrainConfig, train
 
-    if args.output.exists() and not args.overwrite:
+    if args.output.exists() and not (args.overwrite or args.resume):
         raise UsageError(f"--output: {args.output} exists; pass --overwrite to replace it")
+    if args.resume and args.init:
+        raise UsageError("--resume: continues the run writing --output; do not combine with --init")
     samples = _training_samples(args)
     paper = args.weights == "paper"
     config = TrainConfig(
@@ -292,13 +296,13 @@ def _train(args) -> int:
         val_fraction=args.val_fraction, validate_every=args.validate_every, seed=args.seed,
         device=args.device,
     )
-    model_config = None if args.init else UNetConfig(
+    model_config = None if (args.init or args.resume) else UNetConfig(
         depth=args.depth, base_channels=args.base_channels,
         in_channels=_channels(samples[0]),
     )
     stop = _StopFlag()
     events = train(samples, args.output, config=config, model_config=model_config,
-                   init=args.init, should_stop=stop)
+                   init=args.init, resume=args.resume, should_stop=stop)
     last = None
     with stop.installed(), _TrainBar(args.quiet, args.iterations) as bar:
         for last in events:

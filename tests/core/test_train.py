@@ -116,3 +116,22 @@ def test_bad_training_input_is_rejected_before_work(case, match, tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         call()
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_resume_continues_a_stopped_run_from_its_checkpoint(tmp_path):
+    from napari_tiled_unet.core.train import checkpoint_path
+
+    samples = [Sample(*touching_blobs(seed)) for seed in range(2)]
+    output = tmp_path / "m.safetensors"
+    polls = []
+    config = quick(iterations=9, validate_every=4)
+    stopped = list(train(samples, output, config=config, model_config=TINY,
+                         should_stop=lambda: polls.append(1) or len(polls) > 5))
+    assert stopped[-1].stopped and stopped[-1].iteration == 5
+    assert checkpoint_path(output).is_file()
+    resumed = list(train(samples, output, config=config, resume=True))
+    assert [e.iteration for e in resumed] == [6, 7, 8, 9]
+    assert resumed[0].best == stopped[-1].best  # the best so far is carried over
+    assert load_model(output).metadata["trained_iterations"] == resumed[-1].best["iteration"]
+    with pytest.raises(ValueError, match="resume: no checkpoint"):
+        train(samples, tmp_path / "other.safetensors", config=config, resume=True)

@@ -112,7 +112,7 @@ class TrainingPlane:
 
 
 def train(samples: Sequence[Sample], output, *, config: TrainConfig = TrainConfig(),
-          model_config: UNetConfig | None = None, init=None,
+          model_config: UNetConfig | None = None, init=None, resume: bool = False,
           should_stop: Callable[[], bool] | None = None) -> Iterator[TrainEvent]:
     """Train a U-Net on ``samples`` and write the best model to ``output``.
 
@@ -129,6 +129,10 @@ def train(samples: Sequence[Sample], output, *, config: TrainConfig = TrainConfi
         Architecture for training from scratch (default: depth 3, 16 base channels).
     init : str or Path, optional
         Model file to fine-tune from (its architecture and normalisation are kept).
+    resume : bool
+        Continue an earlier run into the same ``output`` from its checkpoint
+        (:func:`checkpoint_path`): weights, optimizer state, iteration and best validation.
+        ``config.iterations`` is the total, counted from that run's start.
     should_stop : callable, optional
         Polled every iteration; a stop saves the model and yields a last event.
 
@@ -136,9 +140,15 @@ def train(samples: Sequence[Sample], output, *, config: TrainConfig = TrainConfi
     -------
     generator of TrainEvent
     """
-    session = _Session.prepared(samples, Path(output), config, model_config, init,
+    session = _Session.prepared(samples, Path(output), config, model_config, init, resume,
                                 should_stop or (lambda: False))
     return session.run()
+
+
+def checkpoint_path(output) -> Path:
+    """Where a run writing ``output`` keeps its resumable state (beside the model file)."""
+    output = Path(output)
+    return output.with_name(output.stem + ".checkpoint.pt")
 
 
 @dataclass
@@ -149,11 +159,13 @@ class _Session:
     output: Path
     config: TrainConfig
     should_stop: Callable[[], bool]
+    resumed: dict | None = None
 
     @classmethod
-    def prepared(cls, samples, output, config, model_config, init, should_stop):
+    def prepared(cls, samples, output, config, model_config, init, resume, should_stop):
         _check_config(config)
-        model = _initial_model(model_config, init)
+        resumed = _read_checkpoint(output) if resume else None
+        model = _initial_model(model_config, init) if resumed is None else resumed["model"]
         _check_patch(model, config.patch)
         if not output.parent.is_dir():
             raise ValueError(f"output: folder {output.parent} does not exist")
@@ -161,7 +173,7 @@ class _Session:
         if not planes:
             raise ValueError("labels: no annotated plane (every plane is empty or outside its region)")
         train_planes, val_planes = _split(_group(planes), config)
-        return cls(model, train_planes, val_planes, output, config, should_stop)
+        return cls(model, train_planes, val_planes, output, config, should_stop, resumed)
 
     def run(self) -> Iterator[TrainEvent]:
         import torch
@@ -175,11 +187,16 @@ class _Session:
         rng = np.random.default_rng(config.seed)
         model = self.model.to(device).train()
         optimizer = _optimizer(model, config)
-        best, loss = None, float("nan")
-        for iteration in range(1, config.iterations + 1):
+        first, best = 1, None
+        if self.resumed:
+            optimizer.load_state_dict(self.resumed["optimizer"])
+            first, best = self.resumed["iteration"] + 1, self.resumed["best"]
+        loss = float("nan")
+        for iteration in range(first, config.iterations + 1):
             if self.should_stop():
                 if best is None:  # nothing written yet: keep what was learnt so far
                     self._save(model, iteration - 1, None)
+                self._checkpoint(model, optimizer, iteration - 1, best)
                 yield TrainEvent(iteration - 1, config.iterations, loss, None, best,
                                  time.perf_counter() - start, stopped=True)
                 return
@@ -190,6 +207,7 @@ class _Session:
                 if best is None or (metrics["ap50"], metrics["iou"]) >= (best["ap50"], best["iou"]):
                     best = metrics
                     self._save(model, iteration, best)
+                self._checkpoint(model, optimizer, iteration, best)
             yield TrainEvent(iteration, config.iterations, loss, metrics, best,
                              time.perf_counter() - start)
 
@@ -246,6 +264,45 @@ class _Session:
             "validation_planes": len(self.val_planes),
         }
         save_model(model, self.output, normalization=self.config.normalization, metadata=metadata)
+
+
+    def _checkpoint(self, model, optimizer, iteration, best):
+        import os
+
+        import torch
+
+        state = {
+            "config": model.config.to_dict(),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "iteration": iteration,
+            "best": best,
+            "metadata": dict(getattr(self.model, "metadata", {}) or {}),
+        }
+        target = checkpoint_path(self.output)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _read_checkpoint(output: Path) -> dict:
+    import torch
+
+    path = checkpoint_path(output)
+    if not path.is_file():
+        raise ValueError(f"resume: no checkpoint {path} beside the output; start without resume")
+    try:
+        # weights_only: tensors, numbers, strings and containers only; never runs code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = UNet(UNetConfig.from_dict(state["config"]))
+        model.load_state_dict(state["model"])
+    except Exception as error:
+        raise ValueError(f"resume: {path} is not a readable training checkpoint ({error})") from None
+    model.metadata = state["metadata"]
+    return dict(state, model=model)
 
 
 def _initial_model(model_config, init) -> UNet:

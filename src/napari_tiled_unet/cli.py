@@ -266,6 +266,8 @@ def _add_train_parser(commands):
     train.add_argument("--sigma", type=float, help="separation width (default by --weights)")
     train.add_argument("--pixel-size", type=float, help="pixel size; --sigma is then physical")
     train.add_argument("--val-fraction", type=float, default=0.1)
+    train.add_argument("--val-split", choices=("auto", "image", "plane"), default="auto",
+                       help="hold out whole images or planes (auto: images when several)")
     train.add_argument("--validate-every", type=int, default=100)
     train.add_argument("--init", type=Path, help="model file to fine-tune from")
     train.add_argument("--resume", action="store_true",
@@ -293,7 +295,7 @@ def _train(args) -> int:
         w0=args.w0 if args.w0 is not None else (10.0 if paper else 50.0),
         sigma=args.sigma if args.sigma is not None else (5.0 if paper else 6.0),
         pixel_size=args.pixel_size, ignore_label=args.ignore_label,
-        val_fraction=args.val_fraction, validate_every=args.validate_every, seed=args.seed,
+        val_fraction=args.val_fraction, val_split=args.val_split, validate_every=args.validate_every, seed=args.seed,
         device=args.device,
     )
     model_config = None if (args.init or args.resume) else UNetConfig(

@@ -1,9 +1,12 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from napari_tiled_unet.core.metrics import pixel_iou, split_touching_pairs
 from napari_tiled_unet.core.model import UNetConfig
-from napari_tiled_unet.core.modelfile import load_model
+from napari_tiled_unet.core.modelfile import load_model, save_model
+from napari_tiled_unet.core.normalize import Normalization
 from napari_tiled_unet.core.postprocess import label_plane
 from napari_tiled_unet.core.predict import predict_array
 from napari_tiled_unet.core.train import Sample, TrainConfig, annotated_planes, train
@@ -78,10 +81,12 @@ def test_stopping_leaves_a_loadable_model_and_fine_tuning_continues_it(tmp_path)
     assert events[-1].stopped and events[-1].iteration == 3
     first = load_model(tmp_path / "a.safetensors")
     assert first.metadata["trained_iterations"] == 3
+    own_scaling = Normalization("percentile", 2.0, 98.0)
+    save_model(first, tmp_path / "a.safetensors", normalization=own_scaling)
     list(train(samples, tmp_path / "b.safetensors", config=quick(iterations=4, validate_every=2),
                init=tmp_path / "a.safetensors"))
     second = load_model(tmp_path / "b.safetensors")
-    assert second.config == first.config
+    assert second.config == first.config and second.normalization == own_scaling
     assert second.metadata["trained_iterations"] == 3 + 4
 
 
@@ -135,3 +140,21 @@ def test_resume_continues_a_stopped_run_from_its_checkpoint(tmp_path):
     assert load_model(output).metadata["trained_iterations"] == resumed[-1].best["iteration"]
     with pytest.raises(ValueError, match="resume: no checkpoint"):
         train(samples, tmp_path / "other.safetensors", config=config, resume=True)
+
+
+def test_validation_holds_out_whole_images_or_planes():
+    from napari_tiled_unet.core.train import _Session
+
+    stack = np.stack([touching_blobs(seed, size=64, pairs=1, singles=1)[0] for seed in range(4)])
+    labels = np.stack([touching_blobs(seed, size=64, pairs=1, singles=1)[1] for seed in range(4)])
+    samples = [Sample(stack, labels), Sample(stack[:2], labels[:2])]
+
+    def split(**changes):
+        session = _Session.prepared(samples, Path("m.safetensors"), quick(**changes), TINY, None,
+                                    False, lambda: False)
+        return ({p.source for p in session.train_planes}, {p.source for p in session.val_planes})
+
+    train_set, val_set = split(val_fraction=0.4, val_split="image")
+    assert {s for s, _ in val_set} in ({0}, {1}) and not {s for s, _ in train_set} & {s for s, _ in val_set}
+    train_set, val_set = split(val_fraction=0.5, val_split="plane")
+    assert len(val_set) == 3 and len(train_set) == 3 and not train_set & val_set

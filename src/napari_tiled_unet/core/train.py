@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -25,6 +25,7 @@ from .tiling import mirror_indices
 from .weights import border_weight_map, separate_touching
 
 OPTIMIZERS = ("adam", "sgd")
+VAL_SPLITS = ("auto", "image", "plane")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TrainConfig:
     pixel_size: float | None = None
     ignore_label: int | None = None
     val_fraction: float = 0.1
+    val_split: str = "auto"
     validate_every: int = 100
     foreground_bias: float = 10.0
     augmentation: Augmentation = field(default_factory=Augmentation)
@@ -166,6 +168,8 @@ class _Session:
         _check_config(config)
         resumed = _read_checkpoint(output) if resume else None
         model = _initial_model(model_config, init) if resumed is None else resumed["model"]
+        if init is not None:  # the model was trained on inputs scaled its own way
+            config = replace(config, normalization=model.normalization)
         _check_patch(model, config.patch)
         if not output.parent.is_dir():
             raise ValueError(f"output: folder {output.parent} does not exist")
@@ -323,6 +327,8 @@ def _check_config(config: TrainConfig):
         raise ValueError(f"lr: expected a positive number, got {config.lr!r}")
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {config.optimizer!r}")
+    if config.val_split not in VAL_SPLITS:
+        raise ValueError(f"val_split: expected one of {VAL_SPLITS}, got {config.val_split!r}")
     if not 0 <= config.val_fraction < 1:
         raise ValueError(f"val_fraction: expected a number in [0, 1), got {config.val_fraction!r}")
 
@@ -416,9 +422,14 @@ def _group(planes):
 
 
 def _split(groups: dict, config: TrainConfig):
-    """Hold out whole samples when there are several, else planes; nothing when only one plane."""
+    """Hold out whole samples ("image") or planes ("plane"; "auto": images when there are
+    several); with a single plane, validate on it (better than no model selection at all)."""
     rng = np.random.default_rng(config.seed)
-    units = list(groups.values()) if len(groups) > 1 else [[p] for p in next(iter(groups.values()))]
+    by_image = config.val_split == "image" or (config.val_split == "auto" and len(groups) > 1)
+    if by_image:
+        units = list(groups.values())
+    else:
+        units = [[p] for planes in groups.values() for p in planes]
     if len(units) < 2 or config.val_fraction == 0:
         flat = [p for unit in units for p in unit]
         return flat, flat  # validation on the training data: better than none for picking a model

@@ -41,15 +41,17 @@ def load_split(folder: Path, held_out: float, seed: int):
 
 
 def evaluate(model, images) -> dict:
-    aps, ious, split, touching = [], [], 0, 0
+    aps, ious, split, touching, found, true = [], [], 0, 0, 0, 0
     for image, truth in images:
         predicted = label_plane(predict_array(model, image), 0.5)
-        aps.append(match_objects(predicted, truth, 0.5).ap)
+        scores = match_objects(predicted, truth, 0.5)
+        aps.append(scores.ap)
+        found, true = found + scores.tp + scores.fp, true + scores.tp + scores.fn
         ious.append(pixel_iou(predicted, truth))
         done, total = split_touching_pairs(predicted, truth)
         split, touching = split + done, touching + total
     return {"ap50": float(np.mean(aps)), "iou": float(np.mean(ious)),
-            "split": split / max(touching, 1), "touching": touching}
+            "split": split / max(touching, 1), "touching": touching, "objects": found / true}
 
 
 def run(name, training, config, model_config, folder) -> tuple[dict, float]:
@@ -74,7 +76,7 @@ def main():
     parser.add_argument("--patch", type=int, default=188)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--base-channels", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -95,10 +97,11 @@ def main():
         for name, config in variants.items():
             model, speed = run(name, training, config, model_config, Path(folder))
             rows.append((name, speed, evaluate(model, held_out)))
-    print(f"\n{'loss':<16} {'it/s':>6} {'AP@0.5':>7} {'IoU':>6} {'touching pairs split':>22}")
+    print(f"\n{'loss':<16} {'it/s':>6} {'AP@0.5':>7} {'IoU':>6} {'touching pairs split':>22} "
+          f"{'objects found / true':>21}")
     for name, speed, scores in rows:
         print(f"{name:<16} {speed:6.2f} {scores['ap50']:7.3f} {scores['iou']:6.3f} "
-              f"{scores['split']:14.3f} of {scores['touching']}")
+              f"{scores['split']:14.3f} of {scores['touching']} {scores['objects']:21.2f}")
 
 
 if __name__ == "__main__":

@@ -79,17 +79,18 @@ def _segment(args) -> int:
     stop = _StopFlag()
     sink = _PlaneBuffer(_leading_shape(image.shape, channel_axis), image.shape[-2:])
     events = predict(
-        model, image.data, sink, channel_axis=channel_axis, tile=_positive_or_auto("--tile", args.tile),
-        batch=_positive_or_auto("--batch", args.batch), device=args.device, precision=args.precision, should_stop=stop,
+        model, image.data, sink, channel_axis=channel_axis,
+        tile=_positive_or_auto("--tile", args.tile), batch=_positive_or_auto("--batch", args.batch),
+        device=args.device, precision=args.precision, should_stop=stop,
     )
     counts: list[int] = []
-    rows = _label_rows(events, sink, args, counts, on_plane=lambda: release_mapped_pages(image.data))
-    plane_shape = sink.shape
+    rows = _label_rows(events, sink, args, counts,
+                       on_plane=lambda: release_mapped_pages(image.data))
     axes = "".join(a for i, a in enumerate(image.axes) if i != _axis_index(channel_axis, image))
     # Labels compress many times over, which matters when their dtype must be wide.
-    targets = [(outputs[0], plane_shape, _labels_dtype(sink, args.min_size), axes, True)]
+    targets = [(outputs[0], sink.shape, _labels_dtype(sink, args.min_size), axes, True)]
     if args.probabilities:
-        targets.append((outputs[1], plane_shape, np.float32, axes, False))
+        targets.append((outputs[1], sink.shape, np.float32, axes, False))
     try:
         with stop.installed():
             write_tiff_streams(targets, rows)

@@ -158,3 +158,13 @@ def test_validation_holds_out_whole_images_or_planes():
     assert {s for s, _ in val_set} in ({0}, {1}) and not {s for s, _ in train_set} & {s for s, _ in val_set}
     train_set, val_set = split(val_fraction=0.5, val_split="plane")
     assert len(val_set) == 3 and len(train_set) == 3 and not train_set & val_set
+
+
+def test_a_seed_repeats_a_run_exactly_and_validation_changes_nothing(tmp_path):
+    samples = [Sample(*touching_blobs(seed, size=96)) for seed in range(2)]
+    runs = []
+    for index, every in enumerate((5, 1000)):
+        config = quick(iterations=12, batch=2, validate_every=every, seed=3)
+        runs.append([e.loss for e in train(samples, tmp_path / f"{index}.safetensors",
+                                           config=config, model_config=TINY)])
+    assert np.allclose(runs[0], runs[1], rtol=0, atol=1e-5)

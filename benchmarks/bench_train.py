@@ -55,7 +55,7 @@ def evaluate(model, images) -> dict:
 
 
 def run(name, training, config, model_config, folder) -> tuple[dict, float]:
-    output = folder / f"{name}.safetensors"
+    output = folder / f"{name.replace(' ', '_')}.safetensors"
     step_seconds, previous = [], 0.0
     for event in train(training, output, config=config, model_config=model_config):
         if event.metrics:
@@ -79,6 +79,7 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--keep", type=Path, help="folder to keep the trained models in")
     args = parser.parse_args()
     training_images, held_out = load_split(args.data, 0.1, args.seed)
     training = [Sample(image, labels) for image, labels in training_images]
@@ -93,9 +94,10 @@ def main():
         "plain CE": TrainConfig(**common, w0=0.0, class_balance=False),
     }
     rows = []
-    with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.keep or Path(scratch)
         for name, config in variants.items():
-            model, speed = run(name, training, config, model_config, Path(folder))
+            model, speed = run(name, training, config, model_config, folder)
             rows.append((name, speed, evaluate(model, held_out)))
     print(f"\n{'loss':<16} {'it/s':>6} {'AP@0.5':>7} {'IoU':>6} {'touching pairs split':>22} "
           f"{'objects found / true':>21}")

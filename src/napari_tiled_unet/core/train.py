@@ -165,10 +165,10 @@ class _Session:
 
     @classmethod
     def prepared(cls, samples, output, config, model_config, init, resume, should_stop):
-        _check_config(config)
-        resumed = _read_checkpoint(output) if resume else None
         import torch
 
+        _check_config(config)
+        resumed = _read_checkpoint(output) if resume else None
         torch.manual_seed(config.seed)  # the initial weights are part of a seeded run
         model = _initial_model(model_config, init) if resumed is None else resumed["model"]
         if init is not None:  # the model was trained on inputs scaled its own way

@@ -75,9 +75,12 @@ def _segment(args) -> int:
     check_postprocess_options(args.threshold, args.min_size)
     image = read_tiff(args.input, name="input")
     channel_axis = image.channel_axis if args.channel_axis is None else args.channel_axis
+    if channel_axis is not None and -len(image.shape) <= channel_axis < len(image.shape):
+        channel_axis %= len(image.shape)  # out-of-range values are reported by predict
     model = load_model(_model_path(args.model))
     stop = _StopFlag()
-    sink = _PlaneBuffer(_leading_shape(image.shape, channel_axis), image.shape[-2:])
+    leading = tuple(n for i, n in enumerate(image.shape[:-2]) if i != channel_axis)
+    sink = _PlaneBuffer(leading, image.shape[-2:])
     events = predict(
         model, image.data, sink, channel_axis=channel_axis,
         tile=_positive_or_auto("--tile", args.tile), batch=_positive_or_auto("--batch", args.batch),
@@ -86,7 +89,7 @@ def _segment(args) -> int:
     counts: list[int] = []
     rows = _label_rows(events, sink, args, counts,
                        on_plane=lambda: release_mapped_pages(image.data))
-    axes = "".join(a for i, a in enumerate(image.axes) if i != _axis_index(channel_axis, image))
+    axes = "".join(a for i, a in enumerate(image.axes) if i != channel_axis)
     # Labels compress many times over, which matters when their dtype must be wide.
     targets = [(outputs[0], sink.shape, _labels_dtype(sink, args.min_size), axes, True)]
     if args.probabilities:
@@ -134,15 +137,6 @@ def _positive_or_auto(option, text):
     if value < 1:
         raise UsageError(f"{option}: expected a positive integer or 'auto', got {text!r}")
     return value
-
-
-def _axis_index(channel_axis, image):
-    return None if channel_axis is None else channel_axis % len(image.shape)
-
-
-def _leading_shape(shape, channel_axis):
-    channel = None if channel_axis is None else channel_axis % len(shape)
-    return tuple(n for i, n in enumerate(shape[:-2]) if i != channel)
 
 
 def _labels_dtype(sink, min_size) -> np.dtype:

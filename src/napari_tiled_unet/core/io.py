@@ -221,14 +221,14 @@ def write_tiff_streams(targets, rows) -> list[Path]:
     import threading
 
     if len(targets) == 1:
-        return [write_tiff_stream(*targets[0][:4], (row[0] for row in rows), *targets[0][4:])]
+        return [_write_target(targets[0], (row[0] for row in rows))]
     handoffs = [queue.Queue(maxsize=1) for _ in targets[1:]]
     errors: list[BaseException] = []
 
     def side_writer(target, handoff):
         planes = _until_end(handoff)
         try:
-            write_tiff_stream(*target[:4], planes, *target[4:])
+            _write_target(target, planes)
         except BaseException as error:  # reported on the main thread below
             errors.append(error)
             for _ in planes:  # keep the producer from blocking on a full hand-off
@@ -250,13 +250,18 @@ def write_tiff_streams(targets, rows) -> list[Path]:
                 handoff.put(_END)
 
     try:
-        written = [write_tiff_stream(*targets[0][:4], first_planes(), *targets[0][4:])]
+        written = [_write_target(targets[0], first_planes())]
     finally:
         for thread in threads:
             thread.join()
     if errors:
         raise errors[0]
     return written + [Path(t[0]) for t in targets[1:]]
+
+
+def _write_target(target, planes) -> Path:
+    path, shape, dtype, axes, *compress = target
+    return write_tiff_stream(path, shape, dtype, axes, planes, *compress)
 
 
 def _until_end(handoff):

@@ -3,8 +3,9 @@
 The engine reads the input tile by tile (numpy, memmap, zarr or dask arrays) and writes each
 output tile into an array the caller provides, so memory is bounded by the tile batch, not by
 the stack. Convolutions run channels_last. On CUDA it runs under autocast (bf16 where
-supported, else fp16), copies batches through pinned host buffers while the previous batch computes, picks the tile
-size from free GPU memory and retries with a smaller tile after an out-of-memory error.
+supported, else fp16), copies batches through pinned host buffers while the previous batch
+computes, picks the tile size from free GPU memory and retries with a smaller tile after an
+out-of-memory error.
 """
 
 from __future__ import annotations

@@ -134,3 +134,20 @@ def test_train_writes_a_model_that_segment_uses(tmp_path, capsys):
     assert cli.main(["train", "--images", str(images[0]), "--labels", str(labels[0]),
                      "-o", str(model)]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_segment_takes_threshold_and_min_size_from_the_model_unless_given(tmp_path, stack_file):
+    from napari_tiled_unet.core.postprocess import label_plane
+
+    model = make_model(depth=2, base_channels=3)
+    path = save_model(model, tmp_path / "m.safetensors",
+                      metadata={"postprocess": {"threshold": 0.52, "min_size": 4}})
+    assert segment(stack_file, "-o", tmp_path / "l.tif", "--model", path,
+                   "--probabilities", tmp_path / "p.tif") == 0
+    probability, labels = tifffile.imread(tmp_path / "p.tif"), tifffile.imread(tmp_path / "l.tif")
+    for plane in range(3):
+        np.testing.assert_array_equal(labels[plane], label_plane(probability[plane], 0.52, 4))
+    assert segment(stack_file, "-o", tmp_path / "l.tif", "--model", path, "--overwrite",
+                   "--threshold", 0.3, "--min-size", 0) == 0
+    labels = tifffile.imread(tmp_path / "l.tif")
+    np.testing.assert_array_equal(labels[1], label_plane(probability[1], 0.3, 0))

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_MODEL = Path(__file__).parent / "models" / "default.safetensors"
+from .models import DEFAULT_MODEL
+
 
 
 class UsageError(Exception):
@@ -52,8 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument("--tile", default="auto", help="input tile size in pixels, or auto")
     segment.add_argument("--batch", default="auto", help="tiles per forward pass (default auto: 4 on CUDA, 1 on CPU)")
     segment.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
-    segment.add_argument("--threshold", type=float, default=0.5, help="foreground threshold")
-    segment.add_argument("--min-size", type=int, default=0, help="drop smaller objects (pixels)")
+    segment.add_argument("--threshold", type=float,
+                         help="foreground threshold (default: the model's recommendation, else 0.5)")
+    segment.add_argument("--min-size", type=int,
+                         help="drop smaller objects, in pixels (default: the model's recommendation, else 0)")
     segment.add_argument("--channel-axis", type=int, help="channel axis when the file's metadata has none")
     segment.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -68,16 +71,17 @@ def _parser() -> argparse.ArgumentParser:
 def _segment(args) -> int:
     from .core.io import IncompleteWrite, read_tiff, release_mapped_pages, write_tiff_streams
     from .core.modelfile import load_model
-    from .core.postprocess import check_postprocess_options
+    from .core.postprocess import postprocess_options
     from .core.predict import predict
 
     outputs = _checked_outputs(args)
-    check_postprocess_options(args.threshold, args.min_size)
+    postprocess_options(None, args.threshold, args.min_size)  # given values are checked first
     image = read_tiff(args.input, name="input")
     channel_axis = image.channel_axis if args.channel_axis is None else args.channel_axis
     if channel_axis is not None and -len(image.shape) <= channel_axis < len(image.shape):
         channel_axis %= len(image.shape)  # out-of-range values are reported by predict
     model = load_model(_model_path(args.model))
+    args.threshold, args.min_size = postprocess_options(model.metadata, args.threshold, args.min_size)
     stop = _StopFlag()
     leading = tuple(n for i, n in enumerate(image.shape[:-2]) if i != channel_axis)
     sink = _PlaneBuffer(leading, image.shape[-2:])
@@ -253,8 +257,12 @@ def _add_train_parser(commands):
     train.add_argument("--lr", type=float, default=1e-4)
     train.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                        help="adam, or the paper's SGD with momentum 0.99")
+    train.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                       help="learning rate over the run (cosine: decays to 0 at the last iteration)")
     train.add_argument("--depth", type=int, default=3)
     train.add_argument("--base-channels", type=int, default=16)
+    train.add_argument("--norm", choices=("none", "batch"), default="none",
+                       help="normalisation layer after each convolution (default none, as in the paper)")
     train.add_argument("--weights", choices=("paper", "fiji"), default="paper",
                        help="border weights: paper (w0 10, sigma 5) or fiji (w0 50, sigma 6)")
     train.add_argument("--w0", type=float, help="separation weight (default by --weights)")
@@ -286,7 +294,7 @@ def _train(args) -> int:
     paper = args.weights == "paper"
     config = TrainConfig(
         iterations=args.iterations, batch=args.batch, patch=args.patch, lr=args.lr,
-        optimizer=args.optimizer, weights=args.weights,
+        optimizer=args.optimizer, lr_schedule=args.lr_schedule, weights=args.weights,
         w0=args.w0 if args.w0 is not None else (10.0 if paper else 50.0),
         sigma=args.sigma if args.sigma is not None else (5.0 if paper else 6.0),
         pixel_size=args.pixel_size, ignore_label=args.ignore_label,
@@ -295,6 +303,7 @@ def _train(args) -> int:
     )
     model_config = None if (args.init or args.resume) else UNetConfig(
         depth=args.depth, base_channels=args.base_channels,
+        norm=None if args.norm == "none" else args.norm,
         in_channels=_channels(samples[0]),
     )
     stop = _StopFlag()

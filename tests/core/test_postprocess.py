@@ -34,3 +34,16 @@ def test_dtype_is_chosen_by_count(count, dtype):
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
         instance_labels(np.zeros((3, 3)), **options)
+
+
+def test_options_come_from_the_caller_then_the_model_then_the_defaults():
+    from napari_tiled_unet.core.postprocess import postprocess_options
+
+    recommended = {"postprocess": {"threshold": 0.7, "min_size": 25}}
+    assert postprocess_options(recommended) == (0.7, 25)
+    assert postprocess_options(recommended, 0.4, None) == (0.4, 25)
+    assert postprocess_options(recommended, None, 0) == (0.7, 0)
+    assert postprocess_options({}) == (0.5, 0)
+    assert postprocess_options(None, None, 3) == (0.5, 3)
+    with pytest.raises(ValueError, match="threshold: expected a number in"):
+        postprocess_options(recommended, 1.5)

@@ -170,3 +170,29 @@ def test_a_seed_repeats_a_run_exactly_and_validation_changes_nothing(tmp_path):
         runs.append([e.loss for e in train(samples, tmp_path / f"{index}.safetensors",
                                            config=config, model_config=TINY)])
     assert np.allclose(runs[0], runs[1], rtol=0, atol=1e-5)
+
+
+def test_cosine_schedule_decays_to_zero_and_metadata_names_the_held_out_samples(tmp_path):
+    import torch
+
+    from napari_tiled_unet.core.train import _set_learning_rate
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    config = quick(iterations=5, lr=0.1, lr_schedule="cosine")
+    rates = []
+    for iteration in range(1, 6):
+        _set_learning_rate(optimizer, config, iteration)
+        rates.append(optimizer.param_groups[0]["lr"])
+    expected = [0.1 * 0.5 * (1 + np.cos(np.pi * i / 5)) for i in range(5)]
+    assert np.allclose(rates, expected, rtol=0, atol=1e-12) and rates[0] == 0.1
+    _set_learning_rate(optimizer, quick(lr=0.1), 4)
+    assert optimizer.param_groups[0]["lr"] == 0.1
+    with pytest.raises(ValueError, match="lr_schedule: expected one of"):
+        train([Sample(*touching_blobs(0))], tmp_path / "x.safetensors", config=quick(lr_schedule="step"))
+
+    samples = [Sample(*touching_blobs(seed, size=64, pairs=1, singles=1)) for seed in range(5)]
+    output = tmp_path / "m.safetensors"
+    list(train(samples, output, config=quick(iterations=2, val_fraction=0.4, lr_schedule="cosine"),
+               model_config=TINY))
+    held = load_model(output).metadata["validation_samples"]
+    assert len(held) == 2 and set(held) <= set(range(5))

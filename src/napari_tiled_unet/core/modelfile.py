@@ -57,14 +57,15 @@ def save_model(model: UNet, path, *, normalization: Normalization | None = None,
 
 
 def read_header(path) -> dict:
-    """The file's header (format, config, normalization, metadata) without loading weights."""
+    """The file's header (format, config, normalization, metadata) without loading weights
+    (and without importing torch)."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model: no such file: {path}")
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with safe_open(str(path), framework="numpy") as handle:
             header = handle.metadata() or {}
     except Exception as error:  # safetensors raises its own error types for foreign files
         raise ValueError(

@@ -58,6 +58,16 @@ def instance_labels(probability: np.ndarray, threshold: float = 0.5, min_size: i
     return np.stack(planes).reshape(probability.shape).astype(labels_dtype(largest))
 
 
+def postprocess_options(metadata: dict | None, threshold=None, min_size=None) -> tuple[float, int]:
+    """Threshold and minimum size: the given values, else the model's recommendation
+    (``metadata["postprocess"]``, chosen when the model was made), else 0.5 and 0."""
+    recommended = (metadata or {}).get("postprocess") or {}
+    threshold = recommended.get("threshold", 0.5) if threshold is None else threshold
+    min_size = recommended.get("min_size", 0) if min_size is None else min_size
+    check_postprocess_options(threshold, min_size)
+    return threshold, min_size
+
+
 def check_postprocess_options(threshold, min_size) -> None:
     """Raise ValueError unless 0 <= threshold < 1 and min_size is a non-negative integer."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:

@@ -25,6 +25,7 @@ from .tiling import mirror_indices
 from .weights import border_weight_map, separate_touching
 
 OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 VAL_SPLITS = ("auto", "image", "plane")
 
 
@@ -57,6 +58,7 @@ class TrainConfig:
     patch: int = 252
     lr: float = 1e-4
     optimizer: str = "adam"
+    lr_schedule: str = "constant"
     w0: float = 10.0
     sigma: float = 5.0
     weights: str = "paper"
@@ -207,6 +209,7 @@ class _Session:
                 yield TrainEvent(iteration - 1, config.iterations, loss, None, best,
                                  time.perf_counter() - start, stopped=True)
                 return
+            _set_learning_rate(optimizer, config, iteration)
             loss = self._step(model, optimizer, rng, generator, device)
             metrics = None
             if iteration % config.validate_every == 0 or iteration == config.iterations:
@@ -269,6 +272,7 @@ class _Session:
                      "weights": self.config.weights},
             "training_planes": len(self.train_planes),
             "validation_planes": len(self.val_planes),
+            "validation_samples": sorted({int(p.source[0]) for p in self.val_planes}),
         }
         save_model(model, self.output, normalization=self.config.normalization, metadata=metadata)
 
@@ -330,6 +334,8 @@ def _check_config(config: TrainConfig):
         raise ValueError(f"lr: expected a positive number, got {config.lr!r}")
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {config.optimizer!r}")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {config.lr_schedule!r}")
     if config.val_split not in VAL_SPLITS:
         raise ValueError(f"val_split: expected one of {VAL_SPLITS}, got {config.val_split!r}")
     if not 0 <= config.val_fraction < 1:
@@ -477,3 +483,12 @@ def _optimizer(model, config: TrainConfig):
     if config.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.99)
     return torch.optim.Adam(model.parameters(), lr=config.lr)
+
+
+def _set_learning_rate(optimizer, config: TrainConfig, iteration: int):
+    # A pure function of the iteration, so a resumed run continues the same schedule.
+    factor = 1.0
+    if config.lr_schedule == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * (iteration - 1) / max(config.iterations, 1)))
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * factor

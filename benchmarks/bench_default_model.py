@@ -1,0 +1,68 @@
+"""Accuracy of the bundled default model on its held-out validation images (dsb2018_fluo).
+
+The model was trained by ``tiled-unet train`` on all images of the folder (sorted by name, as the
+shell expands ``*_image.tif``); the images it held out are recorded in the model's metadata
+(``validation_samples``, indices into that sorted list). For each held-out image this prints
+AP@0.5 (TP / (TP + FP + FN), one-to-one matching at IoU >= 0.5), pixel IoU of foreground, the
+object counts, and the means over images.
+
+    python benchmarks/bench_default_model.py [--model M] [--data ../shared/data/dsb2018_fluo/train]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from napari_tiled_unet.core.metrics import match_objects, pixel_iou
+from napari_tiled_unet.core.modelfile import load_model
+from napari_tiled_unet.core.postprocess import label_plane
+from napari_tiled_unet.core.predict import predict_array
+from napari_tiled_unet.models import DEFAULT_MODEL
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018_fluo" / "train"
+
+
+def held_out_images(model, folder: Path) -> list[Path]:
+    """The image files the model was validated on (never trained on)."""
+    images = sorted(folder.glob("*_image.tif"))
+    indices = model.metadata.get("validation_samples")
+    if not indices:
+        raise SystemExit("model: its metadata lists no validation_samples (not trained by tiled-unet train?)")
+    return [images[i] for i in indices]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--min-size", type=int, default=0)
+    args = parser.parse_args()
+    model = load_model(args.model)
+    paths = held_out_images(model, args.data)
+    print(f"model {args.model} ({model.metadata.get('trained_iterations')} iterations); "
+          f"{len(paths)} held-out images from {args.data}")
+    print(f"{'image':<14} {'shape':>11} {'true':>5} {'found':>6} {'AP@0.5':>7} {'IoU':>6}")
+    aps, ious, seconds = [], [], 0.0
+    for path in paths:
+        image = tifffile.imread(path)
+        truth = tifffile.imread(str(path).replace("_image.tif", "_labels.tif"))
+        start = time.perf_counter()
+        predicted = label_plane(predict_array(model, image), args.threshold, args.min_size)
+        seconds += time.perf_counter() - start
+        scores = match_objects(predicted, truth, 0.5)
+        aps.append(scores.ap)
+        ious.append(pixel_iou(predicted, truth))
+        print(f"{path.name[:12]:<14} {'x'.join(map(str, image.shape)):>11} {scores.tp + scores.fn:5d} "
+              f"{scores.tp + scores.fp:6d} {scores.ap:7.3f} {ious[-1]:6.3f}")
+    print(f"\nmean over {len(paths)} images: AP@0.5 {np.mean(aps):.3f}, pixel IoU {np.mean(ious):.3f} "
+          f"(median AP@0.5 {np.median(aps):.3f}); {seconds:.1f} s for inference and labelling")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""napari widgets and sample data: the only place napari, magicgui and Qt are imported."""

@@ -1,0 +1,319 @@
+"""The Segment widget: an image layer in, a Labels layer out, computed in a worker thread."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, LineEdit,
+                              PushButton, SpinBox, create_widget)
+from napari.qt.threading import thread_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info, show_warning
+
+from ._layers import Placement, current_plane_index, is_lazy, model_input, plane_of
+from ._session import FROM_FILE, SESSION_MODELS, model_choices
+
+SCOPES = ("whole stack", "current plane")
+
+
+@dataclass
+class SegmentJob:
+    """Everything a run needs, captured on the main thread when Segment is pressed."""
+
+    layer: object                 # the source image layer (results go back to it)
+    name: str                     # its name at the start of the run
+    data: object                  # model input, shape (..., [C,] Y, X)
+    channel_axis: int | None
+    model_path: Path
+    options: dict                 # tile, batch, device for the core engine
+    threshold: float
+    min_size: int
+    probabilities: bool
+    placement: Placement
+    plane: tuple | None = None    # leading index when only the current plane is segmented
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Failure:
+    """A user error found in the worker (bad model file, wrong channels): shown as a notification."""
+
+    message: str
+
+
+class SegmentWidget(Container):
+    """Segment an image layer with a U-Net model into a ``<image name> labels`` layer."""
+
+    def __init__(self, napari_viewer):
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self._image = create_widget(annotation="napari.layers.Image", label="image")
+        self._channel_axis = ComboBox(label="channel axis", choices=self._channel_choices)
+        self._model = ComboBox(label="model", choices=model_choices)
+        self._model_file = FileEdit(label="model file", filter="*.safetensors", visible=False)
+        self._device = ComboBox(label="device", choices=_device_choices)
+        self._tile = LineEdit(label="tile size", value="auto", tooltip="input tile in pixels, or auto")
+        self._batch = LineEdit(label="batch", value="auto", tooltip="tiles per forward pass, or auto")
+        self._threshold = FloatSpinBox(label="threshold", value=0.5, min=0.0, max=0.99, step=0.05)
+        self._min_size = SpinBox(label="min object size", value=0, min=0, max=10**7,
+                                 tooltip="objects with fewer pixels are removed")
+        self._probabilities = CheckBox(text="add a probability layer too")
+        self._scope = ComboBox(label="scope", choices=SCOPES)
+        self._keep = CheckBox(text="keep earlier results (new layer each run)")
+        self._run = PushButton(text="Segment")
+        self._cancel = PushButton(text="Cancel", enabled=False)
+        self.extend([self._image, self._channel_axis, self._model, self._model_file, self._device,
+                     self._tile, self._batch, self._threshold, self._min_size, self._probabilities,
+                     self._scope, self._keep, self._run, self._cancel])
+        self._image.changed.connect(lambda *_: self._channel_axis.reset_choices())
+        self._model.changed.connect(self._on_model_changed)
+        self._model_file.changed.connect(self._on_model_changed)
+        self._run.changed.connect(self.start)
+        self._cancel.changed.connect(self.cancel)
+        on_new_model = self._on_new_session_model
+        SESSION_MODELS.changed.connect(on_new_model)
+        # The registry outlives viewers: a closed widget must not be called back.
+        self.native.destroyed.connect(lambda *_: SESSION_MODELS.changed.disconnect(on_new_model))
+        self._results: dict[int, object] = {}   # id(image layer) -> its labels layer
+        self._job: SegmentJob | None = None
+        self._worker = None
+        self._bar = None
+        self._on_model_changed()
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def select_model(self, path) -> None:
+        """Pick ``path`` in the model list (a session model or the bundled default)."""
+        for text, value in model_choices():
+            if value != FROM_FILE and Path(value) == Path(path).resolve():
+                self._model.value = value
+                return
+        self._model.value = FROM_FILE
+        self._model_file.value = Path(path)
+
+    def start(self, *_) -> None:
+        """Check the form, capture the job and run it in a worker thread."""
+        if self.running:
+            return
+        try:
+            job = self._job_from_form()
+        except (ValueError, FileNotFoundError) as error:
+            show_error(str(error))
+            return
+        self._job = job
+        worker = _segment(job)
+        worker.yielded.connect(self._on_progress)
+        worker.returned.connect(self._on_returned)
+        worker.finished.connect(self._on_finished)
+        self._viewer.layers.events.removed.connect(self._on_layer_removed)
+        self._worker = worker
+        self._run.enabled, self._cancel.enabled = False, True
+        worker.start()
+
+    def cancel(self, *_) -> None:
+        """Stop the run after the current batch of tiles; nothing is added."""
+        if self._job is not None:
+            self._job.stop.set()
+
+    def _on_model_changed(self, *_) -> None:
+        """Show the file picker for "load from file", and take the model's recommended
+        threshold and minimum object size."""
+        from ..core.modelfile import read_header
+
+        self._model_file.visible = self._model.value == FROM_FILE
+        try:
+            metadata = read_header(self._model_path())["metadata"]
+        except (ValueError, FileNotFoundError):
+            return   # reported when Segment is pressed
+        recommended = metadata.get("postprocess") or {}
+        self._threshold.value = recommended.get("threshold", 0.5)
+        self._min_size.value = recommended.get("min_size", 0)
+
+    def _on_new_session_model(self) -> None:
+        self._model.reset_choices()
+        self._model.value = SESSION_MODELS.paths[0]   # a model just trained is ready to apply
+
+    def _channel_choices(self, *_) -> list[str]:
+        layer = self._image.value
+        ndim = 0 if layer is None else np.ndim(layer.data[0] if layer.multiscale else layer.data)
+        return ["auto", "none"] + [str(i) for i in range(max(ndim - 2, 0))]
+
+    def _model_path(self) -> Path:
+        value = self._model.value
+        path = Path(self._model_file.value) if value == FROM_FILE else Path(value)
+        if not path.is_file():
+            raise FileNotFoundError(f"model: no such file: {path}")
+        return path
+
+    def _job_from_form(self) -> SegmentJob:
+        from ..core.modelfile import read_header
+
+        layer = self._image.value
+        if layer is None:
+            raise ValueError("image: no image layer to segment; open or select one")
+        model_path = self._model_path()
+        in_channels = int(read_header(model_path)["config"].get("in_channels", 1))
+        data, axis = model_input(layer, self._channel_axis.value, in_channels)
+        plane = None
+        if self._scope.value == "current plane" and data.ndim - (axis is not None) > 2:
+            plane = current_plane_index(layer, self._viewer.dims.point, axis)
+        return SegmentJob(
+            layer=layer, name=layer.name, data=data, channel_axis=axis, model_path=model_path,
+            options={"tile": _positive_or_auto("tile size", self._tile.value),
+                     "batch": _positive_or_auto("batch", self._batch.value),
+                     "device": self._device.value},
+            threshold=float(self._threshold.value), min_size=int(self._min_size.value),
+            probabilities=bool(self._probabilities.value), placement=Placement.of(layer, axis),
+            plane=plane,
+        )
+
+    def _on_progress(self, event) -> None:
+        if self._bar is None:
+            self._bar = progress(total=event.total, desc=f"Segmenting {self._job.name}")
+        self._bar.update(event.done - self._bar.n)
+
+    def _on_layer_removed(self, event) -> None:
+        if self._job is not None and event.value is self._job.layer:
+            self._job.stop.set()
+            show_warning(f"image: layer {self._job.name!r} was removed; segmentation stopped")
+
+    def _on_returned(self, result) -> None:
+        job = self._job
+        if isinstance(result, Failure):
+            show_error(result.message)
+        elif result is None:
+            show_info(f"Segmentation of {job.name!r} cancelled; nothing was added")
+        elif job.layer in self._viewer.layers:
+            labels, probability, count = result
+            self._show_labels(job, labels)
+            if probability is not None:
+                self._viewer.add_image(probability, name=f"{job.name} probability",
+                                       colormap="magma", blending="additive",
+                                       **job.placement.layer_kwargs())
+            show_info(f"{job.name}: {count} objects")
+
+    def _on_finished(self) -> None:
+        self._viewer.layers.events.removed.disconnect(self._on_layer_removed)
+        if self._bar is not None:
+            self._bar.close()
+        self._worker, self._job, self._bar = None, None, None
+        self._run.enabled, self._cancel.enabled = True, False
+        self._device.reset_choices()
+
+    def _show_labels(self, job: SegmentJob, labels) -> None:
+        previous = self._results.get(id(job.layer))
+        if previous not in self._viewer.layers or self._keep.value:
+            previous = None
+        if job.plane is not None:
+            labels = _into_stack(previous, job, labels)
+        if previous is None:
+            layer = self._viewer.add_labels(labels, name=f"{job.name} labels",
+                                            **job.placement.layer_kwargs())
+            self._results[id(job.layer)] = layer
+        else:
+            previous.data = labels
+            previous.scale, previous.translate = job.placement.scale, job.placement.translate
+
+
+def _into_stack(previous, job: SegmentJob, plane_labels):
+    """The whole-stack result with one plane replaced (the earlier result, or zeros)."""
+    shape = tuple(s for i, s in enumerate(job.data.shape) if i != job.channel_axis)
+    if previous is not None and tuple(previous.data.shape) == shape:
+        stack = previous.data
+        if stack.dtype != plane_labels.dtype and np.can_cast(plane_labels.dtype, stack.dtype):
+            plane_labels = plane_labels.astype(stack.dtype)
+    else:
+        stack = _allocate(shape, np.uint32, is_lazy(job.data), "labels")
+    stack[job.plane] = plane_labels
+    return stack
+
+
+def _allocate(shape, dtype, lazy: bool, name: str):
+    """A zero array; for lazy inputs a zarr store on disk, one chunk per plane."""
+    if not lazy:
+        return np.zeros(shape, dtype)
+    import zarr
+
+    folder = Path(tempfile.mkdtemp(prefix="tiled-unet-"))
+    chunks = (1,) * (len(shape) - 2) + tuple(min(s, 2048) for s in shape[-2:])
+    return zarr.open_array(str(folder / f"{name}.zarr"), mode="w", shape=shape, chunks=chunks,
+                           dtype=dtype, fill_value=0)
+
+
+@thread_worker
+def _segment(job: SegmentJob):
+    """Worker: yields engine Progress events; returns (labels, probability or None, object
+    count), None when cancelled, or a Failure."""
+    from ..core.modelfile import load_model
+    from ..core.predict import predict
+
+    data, axis = job.data, job.channel_axis
+    if job.plane is not None:
+        data, axis = plane_of(data, job.plane, axis)
+    shape = tuple(s for i, s in enumerate(data.shape) if i != axis)
+    lazy = is_lazy(job.data) and job.plane is None
+    try:
+        model = load_model(job.model_path)
+        probability = _allocate(shape, np.float32, lazy, "probability")
+        events = predict(model, data, probability, channel_axis=axis, should_stop=job.stop.is_set,
+                         **job.options)
+    except (ValueError, FileNotFoundError) as error:
+        return Failure(str(error))
+    for event in events:
+        yield event
+        if event.stopped:
+            return None
+    labels, count = _label_planes(probability, job, lazy)
+    if job.stop.is_set():
+        return None
+    return labels, (probability if job.probabilities else None), count
+
+
+def _label_planes(probability, job: SegmentJob, lazy: bool):
+    from ..core.postprocess import label_plane, labels_dtype
+
+    leading = probability.shape[:-2]
+    planes = {}
+    labels = _allocate(probability.shape, np.uint32, True, "labels") if lazy else None
+    count = 0
+    for index in np.ndindex(*leading):
+        if job.stop.is_set():
+            break
+        plane = label_plane(np.asarray(probability[index]), job.threshold, job.min_size)
+        count += int(plane.max())
+        if lazy:
+            labels[index] = plane
+        else:
+            planes[index] = plane
+    if not lazy:
+        largest = max((int(p.max()) for p in planes.values()), default=0)
+        labels = np.zeros(probability.shape, labels_dtype(largest))
+        for index, plane in planes.items():
+            labels[index] = plane
+    return labels, count
+
+
+def _device_choices(*_) -> list[str]:
+    # torch is imported when work first runs, not when the widget opens; after that the
+    # list names each CUDA device found.
+    choices = ["auto", "cpu"]
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        choices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return choices
+
+
+def _positive_or_auto(name: str, text: str):
+    text = str(text).strip()
+    if text == "auto":
+        return "auto"
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise ValueError(f"{name}: expected a positive integer or 'auto', got {text!r}")

@@ -1,0 +1,292 @@
+"""The Train widget: (image, labels) layer pairs in, a model file out, with a live plot."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label,
+                              PushButton, SpinBox, create_widget)
+from napari.qt.threading import thread_worker
+from napari.utils import progress
+from napari.utils.notifications import show_error, show_info
+
+from ._layers import full_resolution, model_input
+from ._session import SESSION_MODELS
+from ..models import DEFAULT_MODEL
+
+STARTS = ("scratch", "bundled default", "file")
+MODEL_FOLDER = Path.home() / "napari-tiled-unet" / "models"
+
+
+@dataclass
+class TrainJob:
+    """Arrays and settings captured on the main thread when Train is pressed."""
+
+    samples: list                 # core.train.Sample
+    output: Path
+    config: object                # core.train.TrainConfig
+    init: Path | None
+    in_channels: int
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Failure:
+    message: str
+
+
+class TrainWidget(Container):
+    """Train a U-Net from image + Labels layers with the border-weighted loss."""
+
+    def __init__(self, napari_viewer):
+        super().__init__(labels=True)
+        self._viewer = napari_viewer
+        self._image = create_widget(annotation="napari.layers.Image", label="image")
+        self._labels = create_widget(annotation="napari.layers.Labels", label="labels")
+        self._add_pair = PushButton(text="Add pair")
+        self._clear_pairs = PushButton(text="Clear pairs")
+        self._pairs_text = Label(value="training on: the image and labels above")
+        self._regions = create_widget(annotation="napari.layers.Shapes", label="annotated regions",
+                                      options={"nullable": True,
+                                               "tooltip": "fully annotated regions; outside them pixels are ignored"})
+        self._ignore = SpinBox(label="ignore label", value=0, min=0, max=2**31 - 1,
+                               tooltip="label id ignored by the loss (0 = none)")
+        self._w0 = FloatSpinBox(label="w0", value=10.0, min=0.0, max=1000.0)
+        self._sigma = FloatSpinBox(label="sigma", value=5.0, min=0.01, max=1000.0)
+        self._physical = CheckBox(text="sigma in the layer's units (scale)")
+        self._iterations = SpinBox(label="iterations", value=2000, min=1, max=10**7)
+        self._lr = FloatSpinBox(label="learning rate", value=1e-4, min=1e-7, max=1.0, step=1e-5)
+        self._batch = SpinBox(label="batch", value=4, min=1, max=256)
+        self._patch = SpinBox(label="patch size", value=252, min=16, max=4096)
+        self._val_fraction = FloatSpinBox(label="validation fraction", value=0.1, min=0.0, max=0.9, step=0.05)
+        self._start_from = ComboBox(label="start from", choices=STARTS)
+        self._init_file = FileEdit(label="initial model", filter="*.safetensors", visible=False)
+        self._output = FileEdit(label="save model as", mode="w", filter="*.safetensors",
+                                tooltip=f"default: a new file in {MODEL_FOLDER}")
+        self._overwrite = CheckBox(text="overwrite an existing model file")
+        self._train = PushButton(text="Train")
+        self._stop = PushButton(text="Stop (keeps the best model)", enabled=False)
+        self.extend([self._image, self._labels, self._add_pair, self._clear_pairs, self._pairs_text,
+                     self._regions, self._ignore, self._w0, self._sigma, self._physical,
+                     self._iterations, self._lr, self._batch, self._patch, self._val_fraction,
+                     self._start_from, self._init_file, self._output, self._overwrite,
+                     self._train, self._stop])
+        self.plot = TrainingPlot()
+        self.native.layout().addWidget(self.plot.canvas)
+        self._pairs: list[tuple] = []
+        self._add_pair.changed.connect(self._on_add_pair)
+        self._clear_pairs.changed.connect(self._on_clear_pairs)
+        self._start_from.changed.connect(lambda v: setattr(self._init_file, "visible", v == "file"))
+        self._train.changed.connect(self.start)
+        self._stop.changed.connect(self.stop)
+        self._job: TrainJob | None = None
+        self._worker = None
+        self._bar = None
+        self.last_event = None
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None
+
+    def start(self, *_) -> None:
+        """Check the form, copy the annotations and train in a worker thread."""
+        if self.running:
+            return
+        try:
+            job = self._job_from_form()
+        except (ValueError, FileNotFoundError) as error:
+            show_error(str(error))
+            return
+        self._job, self.last_event = job, None
+        self.plot.clear()
+        worker = _train(job)
+        worker.yielded.connect(self._on_event)
+        worker.returned.connect(self._on_returned)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self._train.enabled, self._stop.enabled = False, True
+        worker.start()
+
+    def stop(self, *_) -> None:
+        """Stop after the current iteration; the best model so far is kept."""
+        if self._job is not None:
+            self._job.stop.set()
+
+    def _on_add_pair(self, *_) -> None:
+        image, labels = self._image.value, self._labels.value
+        if image is None or labels is None:
+            show_error("pairs: choose an image layer and a labels layer to add")
+            return
+        self._pairs.append((image, labels, self._regions.value))
+        self._pairs_text.value = "training on: " + "; ".join(f"{i.name} + {l.name}" for i, l, _ in self._pairs)
+
+    def _on_clear_pairs(self, *_) -> None:
+        self._pairs = []
+        self._pairs_text.value = "training on: the image and labels above"
+
+    def _job_from_form(self) -> TrainJob:
+        from ..core.modelfile import read_header
+        from ..core.train import TrainConfig
+
+        init = self._init_path()
+        in_channels = 1 if init is None else int(read_header(init)["config"].get("in_channels", 1))
+        pairs = self._pairs or [(self._image.value, self._labels.value, self._regions.value)]
+        samples = [_sample(image, labels, regions, in_channels)
+                   for image, labels, regions in pairs]
+        config = TrainConfig(
+            iterations=self._iterations.value, batch=self._batch.value, patch=self._patch.value,
+            lr=self._lr.value, w0=self._w0.value, sigma=self._sigma.value,
+            pixel_size=_pixel_size(pairs[0][0]) if self._physical.value else None,
+            ignore_label=self._ignore.value or None, val_fraction=self._val_fraction.value,
+            validate_every=max(1, min(100, self._iterations.value // 10)),
+        )
+        return TrainJob(samples, self._output_path(pairs[0][0].name), config, init, in_channels)
+
+    def _init_path(self) -> Path | None:
+        start = self._start_from.value
+        path = None if start == "scratch" else DEFAULT_MODEL if start == "bundled default" \
+            else Path(self._init_file.value)
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"start from: no such model file: {path}")
+        return path
+
+    def _output_path(self, image_name: str) -> Path:
+        chosen = str(self._output.value).strip()
+        if chosen in ("", "."):
+            MODEL_FOLDER.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            return MODEL_FOLDER / f"{_safe_name(image_name)}-{stamp}.safetensors"
+        path = Path(chosen)
+        if path.exists() and not self._overwrite.value:
+            raise ValueError(f"save model as: {path} exists; choose another name or tick overwrite")
+        if not path.parent.is_dir():
+            raise ValueError(f"save model as: folder {path.parent} does not exist")
+        return path
+
+    def _on_event(self, event) -> None:
+        if self._bar is None:
+            self._bar = progress(total=event.iterations, desc="Training")
+        self._bar.update(event.iteration - self._bar.n)
+        self.last_event = event
+        self.plot.add(event)
+
+    def _on_returned(self, result) -> None:
+        if isinstance(result, Failure):
+            show_error(result.message)
+            return
+        output = self._job.output
+        if output.is_file():
+            SESSION_MODELS.add(output)
+            best = (result.best or {}) if result is not None else {}
+            state = "stopped" if result is not None and result.stopped else "done"
+            show_info(f"Training {state}; model saved to {output} (validation AP@0.5 "
+                      f"{best.get('ap50', float('nan')):.3f}); it is selected in the Segment widget")
+
+    def _on_finished(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._worker, self._job, self._bar = None, None, None
+        self._train.enabled, self._stop.enabled = True, False
+        self.plot.draw()
+
+
+class TrainingPlot:
+    """Training loss and validation IoU / AP@0.5 against iterations (matplotlib in the dock)."""
+
+    def __init__(self):
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(4, 3), layout="constrained")
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(260)
+        self.loss_axes = self.figure.add_subplot(2, 1, 1)
+        self.metric_axes = self.figure.add_subplot(2, 1, 2)
+        self.updates = 0
+        self.clear()
+
+    def clear(self) -> None:
+        self.iterations, self.losses = [], []
+        self.validations: list[tuple[int, float, float]] = []
+        self._drawn = 0.0
+        self.draw()
+
+    def add(self, event) -> None:
+        self.iterations.append(event.iteration)
+        self.losses.append(event.loss)
+        if event.metrics:
+            self.validations.append((event.iteration, event.metrics["iou"], event.metrics["ap50"]))
+        # Redrawing costs tens of ms: at most a few times a second, and at each validation.
+        if event.metrics or time.monotonic() - self._drawn > 0.5:
+            self.draw()
+
+    def draw(self) -> None:
+        self.loss_axes.clear()
+        self.loss_axes.plot(self.iterations, self.losses, color="0.6", linewidth=0.8, label="loss")
+        if len(self.losses) >= 10:
+            smooth = np.convolve(self.losses, np.ones(10) / 10, mode="valid")
+            self.loss_axes.plot(self.iterations[9:], smooth, color="C0", label="loss (mean of 10)")
+        self.loss_axes.set_ylabel("training loss")
+        self.metric_axes.clear()
+        if self.validations:
+            its, iou, ap = zip(*self.validations)
+            self.metric_axes.plot(its, iou, "o-", color="C1", label="IoU")
+            self.metric_axes.plot(its, ap, "s-", color="C2", label="AP@0.5")
+            self.metric_axes.legend(loc="lower right", fontsize="small")
+        self.metric_axes.set_ylim(0, 1)
+        self.metric_axes.set_xlabel("iteration")
+        self.metric_axes.set_ylabel("validation")
+        self.canvas.draw_idle()
+        self.updates += 1
+        self._drawn = time.monotonic()
+
+
+@thread_worker
+def _train(job: TrainJob):
+    """Worker: yields TrainEvents; returns the last one, or a Failure for bad input."""
+    from ..core.model import UNetConfig
+    from ..core.train import train
+
+    model_config = None if job.init else UNetConfig(depth=3, base_channels=16, in_channels=job.in_channels)
+    try:
+        events = train(job.samples, job.output, config=job.config, model_config=model_config,
+                       init=job.init, should_stop=job.stop.is_set)
+    except (ValueError, FileNotFoundError) as error:
+        return Failure(str(error))
+    last = None
+    for last in events:
+        yield last
+    return last
+
+
+def _sample(image_layer, labels_layer, regions_layer, in_channels: int):
+    from ..core.train import Sample
+
+    if image_layer is None or labels_layer is None:
+        raise ValueError("labels: choose an image layer and the labels layer annotating it")
+    data, axis = model_input(image_layer, "auto", in_channels)
+    labels = np.array(full_resolution(labels_layer))   # a copy: painting goes on during training
+    spatial = tuple(s for i, s in enumerate(data.shape) if i != axis)
+    if labels.shape != spatial:
+        raise ValueError(f"labels: layer {labels_layer.name!r} has shape {labels.shape}, expected the "
+                         f"shape of image {image_layer.name!r} {spatial}")
+    region = None
+    if regions_layer is not None:
+        region = regions_layer.to_labels(labels_shape=labels.shape) > 0
+    return Sample(np.asarray(data), labels, region, axis)
+
+
+def _pixel_size(layer) -> float:
+    y, x = (float(s) for s in layer.scale[-2:])
+    if not np.isclose(y, x):
+        raise ValueError(f"sigma units: the layer's pixels are not square (scale Y {y}, X {x}); "
+                         f"give sigma in pixels")
+    return x
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "model"

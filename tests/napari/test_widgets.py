@@ -1,0 +1,277 @@
+"""The widgets as a user meets them: added through the manifest to a real viewer (virtual display)."""
+
+import subprocess
+import sys
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from napari_tiled_unet._napari import segment_widget as segment_module
+from napari_tiled_unet._napari import train_widget as train_module
+from napari_tiled_unet._napari._session import SESSION_MODELS
+from napari_tiled_unet.core.modelfile import load_model, save_model
+from napari_tiled_unet.core.postprocess import instance_labels
+from napari_tiled_unet.core.predict import predict_array
+
+from ..conftest import make_model
+from ..synthetic import touching_blobs
+
+PLUGIN = "napari-tiled-unet"
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    return save_model(make_model(depth=2, base_channels=4, seed=3), tmp_path / "tiny.safetensors")
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer()
+
+
+@pytest.fixture
+def errors(monkeypatch):
+    """Messages the widgets show as error notifications."""
+    shown = []
+    monkeypatch.setattr(segment_module, "show_error", shown.append)
+    monkeypatch.setattr(train_module, "show_error", shown.append)
+    return shown
+
+
+def segment_widget(viewer, model_file):
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment (U-Net)")
+    widget.select_model(model_file)
+    return widget
+
+
+def expected_labels(model_file, image):
+    return instance_labels(predict_array(load_model(model_file), image), 0.5, 0)
+
+
+def run_and_wait(qtbot, widget, timeout=60_000):
+    widget.start()
+    qtbot.waitUntil(lambda: not widget.running, timeout=timeout)
+
+
+def test_segment_2d_image_gives_labels_placed_like_the_image(viewer, qtbot, model_file, rng):
+    image = rng.random((70, 90)).astype(np.float32)
+    viewer.add_image(image, name="cells", scale=(0.5, 0.25), translate=(10.0, -4.0))
+    widget = segment_widget(viewer, model_file)
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["cells labels"]
+    assert labels.data.shape == (70, 90)
+    assert tuple(labels.scale) == (0.5, 0.25) and tuple(labels.translate) == (10.0, -4.0)
+    np.testing.assert_array_equal(labels.data, expected_labels(model_file, image))
+
+
+def test_segment_stack_and_a_second_run_replaces_the_result(viewer, qtbot, model_file, rng):
+    stack = rng.random((3, 40, 50)).astype(np.float32)
+    viewer.add_image(stack, name="stack", scale=(2.0, 0.5, 0.5), translate=(1.0, 2.0, 3.0))
+    widget = segment_widget(viewer, model_file)
+    run_and_wait(qtbot, widget)
+    assert len(viewer.layers) == 2
+    labels = viewer.layers["stack labels"]
+    assert labels.data.shape == (3, 40, 50)
+    assert tuple(labels.scale) == (2.0, 0.5, 0.5) and tuple(labels.translate) == (1.0, 2.0, 3.0)
+    np.testing.assert_array_equal(labels.data, expected_labels(model_file, stack))
+    widget._threshold.value = 0.9
+    run_and_wait(qtbot, widget)
+    assert len(viewer.layers) == 2 and viewer.layers["stack labels"] is labels
+    np.testing.assert_array_equal(labels.data, instance_labels(
+        predict_array(load_model(model_file), stack), 0.9, 0))
+
+
+def test_keep_earlier_results_adds_a_new_layer(viewer, qtbot, model_file, rng):
+    viewer.add_image(rng.random((30, 30)).astype(np.float32), name="img")
+    widget = segment_widget(viewer, model_file)
+    run_and_wait(qtbot, widget)
+    widget._keep.value = True
+    run_and_wait(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == ["img", "img labels", "img labels [1]"]
+
+
+def test_current_plane_scope_fills_only_that_plane(viewer, qtbot, model_file, rng):
+    stack = rng.random((4, 32, 36)).astype(np.float32)
+    viewer.add_image(stack, name="stack")
+    viewer.dims.set_current_step(0, 2)
+    widget = segment_widget(viewer, model_file)
+    widget._scope.value = "current plane"
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["stack labels"].data
+    assert labels.shape == (4, 32, 36)
+    np.testing.assert_array_equal(labels[2], expected_labels(model_file, stack[2]))
+    assert not labels[[0, 1, 3]].any()
+
+
+def test_lazy_stack_result_is_a_zarr_store_on_disk(viewer, qtbot, model_file, rng):
+    stack = rng.random((2, 48, 40)).astype(np.float32)
+    viewer.add_image(da.from_array(stack, chunks=(1, 48, 40)), name="lazy")
+    widget = segment_widget(viewer, model_file)
+    widget._probabilities.value = True
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["lazy labels"].data
+    assert type(labels).__module__.startswith("zarr")
+    np.testing.assert_array_equal(labels[:], expected_labels(model_file, stack))
+    probability = viewer.layers["lazy probability"].data
+    np.testing.assert_allclose(probability[:], predict_array(load_model(model_file), stack), atol=1e-5)
+
+
+def test_multichannel_image_with_a_two_channel_model(viewer, qtbot, tmp_path, rng):
+    path = save_model(make_model(depth=2, base_channels=4, in_channels=2), tmp_path / "two.safetensors")
+    image = rng.random((2, 36, 44)).astype(np.float32)
+    viewer.add_image(image, name="two", channel_axis=None, scale=(9.0, 0.5, 0.5))
+    widget = segment_widget(viewer, path)
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["two labels"]
+    assert labels.data.shape == (36, 44) and tuple(labels.scale) == (0.5, 0.5)
+    expected = instance_labels(predict_array(load_model(path), image, channel_axis=0), 0.5, 0)
+    np.testing.assert_array_equal(labels.data, expected)
+
+
+def test_cancel_adds_no_layer_and_the_viewer_stays_usable(viewer, qtbot, model_file, rng):
+    viewer.add_image(rng.random((400, 400)).astype(np.float32), name="big")
+    widget = segment_widget(viewer, model_file)
+    widget._tile.value = "48"
+    widget.start()
+    qtbot.waitUntil(lambda: widget._bar is not None, timeout=30_000)
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
+    assert [layer.name for layer in viewer.layers] == ["big"]
+    widget._tile.value = "auto"
+    run_and_wait(qtbot, widget)
+    assert viewer.layers["big labels"].data.shape == (400, 400)
+
+
+def test_result_goes_to_its_image_when_selection_and_names_change(viewer, qtbot, model_file, rng):
+    first = rng.random((300, 260)).astype(np.float32)
+    viewer.add_image(first, name="first", scale=(3.0, 3.0))
+    other = viewer.add_image(rng.random((20, 30)).astype(np.float32), name="other")
+    widget = segment_widget(viewer, model_file)
+    widget._image.value = viewer.layers["first"]
+    widget._tile.value = "48"
+    widget.start()
+    widget._image.value = other
+    viewer.layers.selection = {other}
+    viewer.layers["first"].name = "renamed"
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    labels = viewer.layers["first labels"]
+    assert labels.data.shape == (300, 260) and tuple(labels.scale) == (3.0, 3.0)
+    np.testing.assert_array_equal(labels.data, expected_labels(model_file, first))
+
+
+def test_removing_the_image_during_a_run_stops_it(viewer, qtbot, model_file, rng):
+    viewer.add_image(rng.random((400, 400)).astype(np.float32), name="gone")
+    widget = segment_widget(viewer, model_file)
+    widget._tile.value = "48"
+    widget.start()
+    qtbot.waitUntil(lambda: widget._bar is not None, timeout=30_000)
+    viewer.layers.remove("gone")
+    qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
+    assert len(viewer.layers) == 0
+
+
+def test_bad_input_is_reported_before_any_work(viewer, qtbot, model_file, errors, tmp_path, rng):
+    widget = segment_widget(viewer, model_file)
+    widget.start()
+    assert errors == ["image: no image layer to segment; open or select one"]
+    viewer.add_image(rng.random((20, 20)).astype(np.float32), name="img")
+    widget._tile.value = "0"
+    widget.start()
+    assert errors[-1] == "tile size: expected a positive integer or 'auto', got '0'"
+    widget._tile.value = "auto"
+    widget.select_model(tmp_path / "missing.safetensors")
+    widget.start()
+    assert errors[-1] == f"model: no such file: {tmp_path / 'missing.safetensors'}"
+    assert not widget.running and len(viewer.layers) == 1
+
+
+def test_a_wrong_model_file_is_a_notification_not_a_crash(viewer, qtbot, errors, tmp_path, rng):
+    not_a_model = tmp_path / "notes.safetensors"
+    not_a_model.write_text("not a model")
+    viewer.add_image(rng.random((20, 20)).astype(np.float32), name="img")
+    widget = segment_widget(viewer, not_a_model)
+    widget.start()
+    assert len(errors) == 1 and errors[0].startswith("model: expected a napari-tiled-unet model file")
+    assert len(viewer.layers) == 1
+
+
+def train_widget(viewer, tmp_path, iterations):
+    image, labels = touching_blobs(seed=5, size=96)
+    viewer.add_image(image, name="blobs")
+    viewer.add_labels(labels, name="blobs annotation")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Train (U-Net)")
+    widget._iterations.value = iterations
+    widget._patch.value = 188
+    widget._batch.value = 1
+    widget._output.value = tmp_path / "trained.safetensors"
+    return widget
+
+
+def test_train_plots_writes_a_model_and_offers_it_to_segment(viewer, qtbot, tmp_path, model_file):
+    segment = segment_widget(viewer, model_file)
+    widget = train_widget(viewer, tmp_path, iterations=6)
+    widget.start()
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert widget.last_event.iteration == 6 and not widget.last_event.stopped
+    assert widget.plot.losses and len(widget.plot.validations) == 6   # validate_every = 1 here
+    assert widget.plot.updates >= 7
+    model = load_model(tmp_path / "trained.safetensors")
+    assert model.metadata["trained_iterations"] >= 1
+    assert SESSION_MODELS.paths[0] == (tmp_path / "trained.safetensors").resolve()
+    assert segment._model.value == SESSION_MODELS.paths[0]
+    segment._image.value = viewer.layers["blobs"]
+    run_and_wait(qtbot, segment)
+    assert viewer.layers["blobs labels"].data.shape == (96, 96)
+
+
+def test_stop_mid_training_keeps_a_loadable_model(viewer, qtbot, tmp_path):
+    widget = train_widget(viewer, tmp_path, iterations=100_000)
+    widget.start()
+    qtbot.waitUntil(lambda: widget.last_event is not None, timeout=60_000)
+    widget.stop()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    assert widget.last_event.stopped and widget.last_event.iteration < 100_000
+    assert load_model(tmp_path / "trained.safetensors").config.depth == 3
+
+
+def test_train_refuses_labels_of_another_shape(viewer, qtbot, tmp_path, errors):
+    widget = train_widget(viewer, tmp_path, iterations=5)
+    viewer.add_labels(np.zeros((50, 50), np.uint16), name="wrong")
+    widget._labels.value = viewer.layers["wrong"]
+    widget.start()
+    assert errors == ["labels: layer 'wrong' has shape (50, 50), expected the shape of image "
+                      "'blobs' (96, 96)"]
+    assert not widget.running and not (tmp_path / "trained.safetensors").exists()
+
+
+def test_train_without_annotations_is_reported(viewer, qtbot, tmp_path, errors):
+    widget = train_widget(viewer, tmp_path, iterations=5)
+    viewer.add_labels(np.zeros((96, 96), np.uint16), name="empty")
+    widget._labels.value = viewer.layers["empty"]
+    widget.start()
+    qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
+    assert errors == ["labels: no annotated plane (every plane is empty or outside its region)"]
+
+
+def test_sample_data_opens_image_and_annotation(viewer):
+    viewer.open_sample(PLUGIN, "nuclei_b")
+    image, labels = viewer.layers
+    assert image.data.shape == labels.data.shape == (256, 256)
+    assert labels.data.max() == 27
+
+
+def test_manifest_validates():
+    result = subprocess.run([sys.executable, "-m", "npe2", "validate", PLUGIN],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "valid" in result.stdout
+
+
+def test_loading_the_widget_modules_does_not_import_torch():
+    code = (
+        "import sys, napari_tiled_unet._napari.segment_widget, napari_tiled_unet._napari.train_widget,"
+        " napari_tiled_unet._napari.sample_data; print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -151,3 +151,33 @@ def test_segment_takes_threshold_and_min_size_from_the_model_unless_given(tmp_pa
                    "--threshold", 0.3, "--min-size", 0) == 0
     labels = tifffile.imread(tmp_path / "l.tif")
     np.testing.assert_array_equal(labels[1], label_plane(probability[1], 0.3, 0))
+
+
+def test_tune_stores_the_best_threshold_and_size_in_the_model(tmp_path, rng):
+    from napari_tiled_unet.core.metrics import match_objects
+    from napari_tiled_unet.core.modelfile import load_model
+    from napari_tiled_unet.core.postprocess import MIN_SIZES, THRESHOLDS, label_plane
+    from napari_tiled_unet.core.predict import predict_array
+
+    from .synthetic import touching_blobs
+
+    path = save_model(make_model(depth=2, base_channels=3, seed=4), tmp_path / "m.safetensors",
+                      metadata={"note": "kept"})
+    images, labels = [], []
+    for seed in range(2):
+        image, truth = touching_blobs(seed, size=80)
+        images.append(tmp_path / f"i{seed}.tif")
+        labels.append(tmp_path / f"l{seed}.tif")
+        tifffile.imwrite(images[-1], image)
+        tifffile.imwrite(labels[-1], truth)
+    assert cli.main(["tune", str(path), "--images", *map(str, images), "--labels", *map(str, labels)]) == 0
+    model = load_model(path)
+    chosen = model.metadata["postprocess"]
+    assert model.metadata["note"] == "kept" and chosen["planes"] == 2
+    probabilities = [predict_array(model, tifffile.imread(p)) for p in images]
+    truths = [tifffile.imread(p) for p in labels]
+    grid = {(t, s): np.mean([match_objects(label_plane(p, t, s), g, 0.5).ap
+                             for p, g in zip(probabilities, truths)])
+            for t in THRESHOLDS for s in MIN_SIZES}
+    assert chosen["ap50"] == pytest.approx(max(grid.values()), abs=1e-12)
+    assert grid[(chosen["threshold"], chosen["min_size"])] == pytest.approx(chosen["ap50"], abs=1e-12)

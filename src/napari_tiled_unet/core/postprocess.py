@@ -74,3 +74,40 @@ def check_postprocess_options(threshold, min_size) -> None:
         raise ValueError(f"threshold: expected a number in [0, 1), got {threshold!r}")
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
         raise ValueError(f"min_size: expected a non-negative integer, got {min_size!r}")
+
+
+THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MIN_SIZES = (0, 5, 10, 15, 25, 40, 60, 90)
+
+
+def choose_postprocess(probabilities, truths, thresholds=THRESHOLDS, min_sizes=MIN_SIZES) -> dict:
+    """The threshold and minimum object size with the best mean AP@0.5 over annotated planes.
+
+    Parameters
+    ----------
+    probabilities : sequence of numpy.ndarray, each shape (Y, X)
+        Foreground probability of each plane.
+    truths : sequence of numpy.ndarray, each shape (Y, X)
+        Instance labels of each plane (0 = background).
+    thresholds, min_sizes : sequences
+        The grid searched.
+
+    Returns
+    -------
+    dict
+        ``threshold``, ``min_size``, ``ap50`` (mean over planes), ``planes``; ties go to the
+        smaller threshold, then the smaller size.
+    """
+    from .metrics import match_objects
+
+    best = None
+    for threshold in thresholds:
+        for min_size in min_sizes:
+            check_postprocess_options(threshold, min_size)
+            scores = [match_objects(label_plane(p, threshold, min_size), t, 0.5).ap
+                      for p, t in zip(probabilities, truths)]
+            score = float(np.mean(scores))
+            if best is None or score > best["ap50"]:
+                best = {"threshold": threshold, "min_size": min_size, "ap50": score,
+                        "planes": len(scores)}
+    return best

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+import torch
 
 from napari_tiled_unet.core.metrics import match_objects, pixel_iou
 from napari_tiled_unet.core.modelfile import load_model
-from napari_tiled_unet.core.postprocess import label_plane
+from napari_tiled_unet.core.postprocess import label_plane, postprocess_options
 from napari_tiled_unet.core.predict import predict_array
 from napari_tiled_unet.models import DEFAULT_MODEL
 
@@ -40,20 +41,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--threshold", type=float, default=0.5)
-    parser.add_argument("--min-size", type=int, default=0)
+    parser.add_argument("--threshold", type=float, help="default: the model's recommendation")
+    parser.add_argument("--min-size", type=int, help="default: the model's recommendation")
     args = parser.parse_args()
     model = load_model(args.model)
     paths = held_out_images(model, args.data)
+    threshold, min_size = postprocess_options(model.metadata, args.threshold, args.min_size)
     print(f"model {args.model} ({model.metadata.get('trained_iterations')} iterations); "
-          f"{len(paths)} held-out images from {args.data}")
+          f"{len(paths)} held-out images from {args.data}; threshold {threshold}, min size {min_size} px")
     print(f"{'image':<14} {'shape':>11} {'true':>5} {'found':>6} {'AP@0.5':>7} {'IoU':>6}")
     aps, ious, seconds = [], [], 0.0
     for path in paths:
         image = tifffile.imread(path)
         truth = tifffile.imread(str(path).replace("_image.tif", "_labels.tif"))
         start = time.perf_counter()
-        predicted = label_plane(predict_array(model, image), args.threshold, args.min_size)
+        predicted = label_plane(predict_array(model, image), threshold, min_size)
         seconds += time.perf_counter() - start
         scores = match_objects(predicted, truth, 0.5)
         aps.append(scores.ap)
@@ -62,6 +64,18 @@ def main():
               f"{scores.tp + scores.fp:6d} {scores.ap:7.3f} {ious[-1]:6.3f}")
     print(f"\nmean over {len(paths)} images: AP@0.5 {np.mean(aps):.3f}, pixel IoU {np.mean(ious):.3f} "
           f"(median AP@0.5 {np.median(aps):.3f}); {seconds:.1f} s for inference and labelling")
+    print(f"one 1024 x 1024 image, inference and labelling: {time_1024(model, threshold, min_size):.2f} s "
+          f"(best of 3; {torch.get_num_threads()} CPU threads, device auto)")
+
+
+def time_1024(model, threshold, min_size) -> float:
+    image = np.random.default_rng(0).integers(0, 255, (1024, 1024), dtype=np.uint8)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        label_plane(predict_array(model, image), threshold, min_size)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 if __name__ == "__main__":

@@ -1,17 +1,21 @@
 """Screenshots for the README: the viewer after Segment on the sample data, and the Train widget
 after a short run. Needs a display (``xvfb-run -a python docs/make_screenshots.py``).
 
-    python docs/make_screenshots.py [--iterations 60]
+    python docs/make_screenshots.py [--iterations 100]
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
+import warnings
 from pathlib import Path
 
-import napari
-from qtpy.QtWidgets import QApplication
+# napari's own deprecation notice would cover the picture
+warnings.filterwarnings("ignore", message="napari support for the PyQt5")
+
+import napari  # noqa: E402
+from qtpy.QtWidgets import QApplication  # noqa: E402
 
 IMAGES = Path(__file__).resolve().parent / "images"
 PLUGIN = "napari-tiled-unet"
@@ -38,6 +42,7 @@ def train_screenshot(viewer, iterations: int, folder: Path) -> None:
     _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train (U-Net)")
     train._image.value = viewer.layers["nuclei A"]
     train._labels.value = viewer.layers["nuclei A annotation"]
+    train._start_from.value = "bundled default"   # fine-tuning: what most users will do
     train._iterations.value = iterations
     train._batch.value = 2
     train._output.value = folder / "nuclei_a.safetensors"
@@ -48,7 +53,7 @@ def train_screenshot(viewer, iterations: int, folder: Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=60)
+    parser.add_argument("--iterations", type=int, default=100)
     args = parser.parse_args()
     IMAGES.mkdir(parents=True, exist_ok=True)
     viewer = napari.Viewer()

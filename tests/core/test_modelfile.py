@@ -58,3 +58,14 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
         save_model(make_model(seed=2), target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_saved_model_has_the_usual_file_permissions(tmp_path):
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        path = save_model(make_model(depth=1, base_channels=2), tmp_path / "m.safetensors")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644

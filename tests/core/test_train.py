@@ -84,12 +84,14 @@ def test_stopping_leaves_a_loadable_model_and_fine_tuning_continues_it(tmp_path)
     first = load_model(tmp_path / "a.safetensors")
     assert first.metadata["trained_iterations"] == 3
     own_scaling = Normalization("percentile", 2.0, 98.0)
-    save_model(first, tmp_path / "a.safetensors", normalization=own_scaling)
+    save_model(first, tmp_path / "a.safetensors", normalization=own_scaling,
+               metadata={**first.metadata, "postprocess": {"threshold": 0.7, "min_size": 9}})
     list(train(samples, tmp_path / "b.safetensors", config=quick(iterations=4, validate_every=2),
                init=tmp_path / "a.safetensors"))
     second = load_model(tmp_path / "b.safetensors")
     assert second.config == first.config and second.normalization == own_scaling
     assert second.metadata["trained_iterations"] == 3 + 4
+    assert second.metadata["postprocess"] == {"threshold": 0.7, "min_size": 9}
 
 
 def bad_training(tmp_path, sample=None, **changes):

@@ -17,6 +17,11 @@ def nuclei_b() -> list:
     return _image_and_labels("nuclei_b", "nuclei B")
 
 
+def nuclei_c() -> list:
+    """520x696 fluorescence nuclei (206 annotated) that the bundled model never saw in training."""
+    return _image_and_labels("nuclei_c", "nuclei C")
+
+
 def _image_and_labels(stem: str, name: str) -> list:
     folder = resources.files("napari_tiled_unet.sample_data")
     with resources.as_file(folder / f"{stem}_image.tif") as path:

@@ -19,6 +19,9 @@ from ._session import SESSION_MODELS
 from ..models import DEFAULT_MODEL
 
 STARTS = ("scratch", "bundled default", "file")
+# A new network (with batch normalisation) learns fastest at 1e-3; fine-tuning a trained one
+# at that rate would throw away much of what it knows.
+LEARNING_RATES = {"scratch": 1e-3, "bundled default": 1e-4, "file": 1e-4}
 MODEL_FOLDER = Path.home() / "napari-tiled-unet" / "models"
 
 
@@ -59,7 +62,8 @@ class TrainWidget(Container):
         self._sigma = FloatSpinBox(label="sigma", value=5.0, min=0.01, max=1000.0)
         self._physical = CheckBox(text="sigma in the layer's units (scale)")
         self._iterations = SpinBox(label="iterations", value=2000, min=1, max=10**7)
-        self._lr = FloatSpinBox(label="learning rate", value=1e-4, min=1e-7, max=1.0, step=1e-5)
+        self._lr = FloatSpinBox(label="learning rate", value=LEARNING_RATES["scratch"], min=1e-7,
+                                max=1.0, step=1e-5, tooltip="Adam, decaying to 0 over the run (cosine)")
         self._batch = SpinBox(label="batch", value=4, min=1, max=256)
         self._patch = SpinBox(label="patch size", value=252, min=16, max=4096)
         self._val_fraction = FloatSpinBox(label="validation fraction", value=0.1, min=0.0, max=0.9, step=0.05)
@@ -80,7 +84,7 @@ class TrainWidget(Container):
         self._pairs: list[tuple] = []
         self._add_pair.changed.connect(self._on_add_pair)
         self._clear_pairs.changed.connect(self._on_clear_pairs)
-        self._start_from.changed.connect(lambda v: setattr(self._init_file, "visible", v == "file"))
+        self._start_from.changed.connect(self._on_start_changed)
         self._train.changed.connect(self.start)
         self._stop.changed.connect(self.stop)
         self._job: TrainJob | None = None
@@ -116,6 +120,10 @@ class TrainWidget(Container):
         if self._job is not None:
             self._job.stop.set()
 
+    def _on_start_changed(self, start: str) -> None:
+        self._init_file.visible = start == "file"
+        self._lr.value = LEARNING_RATES[start]
+
     def _on_add_pair(self, *_) -> None:
         image, labels = self._image.value, self._labels.value
         if image is None or labels is None:
@@ -139,7 +147,7 @@ class TrainWidget(Container):
                    for image, labels, regions in pairs]
         config = TrainConfig(
             iterations=self._iterations.value, batch=self._batch.value, patch=self._patch.value,
-            lr=self._lr.value, w0=self._w0.value, sigma=self._sigma.value,
+            lr=self._lr.value, lr_schedule="cosine", w0=self._w0.value, sigma=self._sigma.value,
             pixel_size=_pixel_size(pairs[0][0]) if self._physical.value else None,
             ignore_label=self._ignore.value or None, val_fraction=self._val_fraction.value,
             validate_every=max(1, min(100, self._iterations.value // 10)),
@@ -251,7 +259,9 @@ def _train(job: TrainJob):
     from ..core.model import UNetConfig
     from ..core.train import train
 
-    model_config = None if job.init else UNetConfig(depth=3, base_channels=16, in_channels=job.in_channels)
+    # The bundled model's architecture: fast on CPUs, and batch norm trains quickly from scratch.
+    model_config = None if job.init else UNetConfig(depth=3, base_channels=16, norm="batch",
+                                                    in_channels=job.in_channels)
     try:
         events = train(job.samples, job.output, config=job.config, model_config=model_config,
                        init=job.init, should_stop=job.stop.is_set)

@@ -274,6 +274,8 @@ class _Session:
             "validation_planes": len(self.val_planes),
             "validation_samples": sorted({int(p.source[0]) for p in self.val_planes}),
         }
+        if "postprocess" in previous:   # a fine-tuned model starts from its parent's recommendation
+            metadata["postprocess"] = previous["postprocess"]
         save_model(model, self.output, normalization=self.config.normalization, metadata=metadata)
 
 

@@ -19,6 +19,7 @@ from ._layers import Placement, current_plane_index, is_lazy, model_input, plane
 from ._session import FROM_FILE, SESSION_MODELS, model_choices
 
 SCOPES = ("whole stack", "current plane")
+_OPENING = object()   # a progress bar being created
 
 
 @dataclass
@@ -175,7 +176,10 @@ class SegmentWidget(Container):
         )
 
     def _on_progress(self, event) -> None:
+        if self._bar is _OPENING:
+            return   # creating the bar runs the event loop, which delivers later events early
         if self._bar is None:
+            self._bar = _OPENING
             self._bar = progress(total=event.total, desc=f"Segmenting {self._job.name}")
         self._bar.update(event.done - self._bar.n)
 
@@ -201,7 +205,7 @@ class SegmentWidget(Container):
 
     def _on_finished(self) -> None:
         self._viewer.layers.events.removed.disconnect(self._on_layer_removed)
-        if self._bar is not None:
+        if self._bar is not None and self._bar is not _OPENING:
             self._bar.close()
         self._worker, self._job, self._bar = None, None, None
         self._run.enabled, self._cancel.enabled = True, False

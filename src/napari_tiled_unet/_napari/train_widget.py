@@ -23,6 +23,7 @@ STARTS = ("scratch", "bundled default", "file")
 # at that rate would throw away much of what it knows.
 LEARNING_RATES = {"scratch": 1e-3, "bundled default": 1e-4, "file": 1e-4}
 MODEL_FOLDER = Path.home() / "napari-tiled-unet" / "models"
+_OPENING = object()   # a progress bar being created
 
 
 @dataclass
@@ -177,8 +178,10 @@ class TrainWidget(Container):
 
     def _on_event(self, event) -> None:
         if self._bar is None:
+            self._bar = _OPENING   # creating the bar runs the event loop: no second bar meanwhile
             self._bar = progress(total=event.iterations, desc="Training")
-        self._bar.update(event.iteration - self._bar.n)
+        if self._bar is not _OPENING:
+            self._bar.update(event.iteration - self._bar.n)
         self.last_event = event
         self.plot.add(event)
 
@@ -195,7 +198,7 @@ class TrainWidget(Container):
                       f"{best.get('ap50', float('nan')):.3f}); it is selected in the Segment widget")
 
     def _on_finished(self) -> None:
-        if self._bar is not None:
+        if self._bar is not None and self._bar is not _OPENING:
             self._bar.close()
         self._worker, self._job, self._bar = None, None, None
         self._train.enabled, self._stop.enabled = True, False

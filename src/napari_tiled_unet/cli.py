@@ -100,7 +100,7 @@ def _segment(args) -> int:
     if args.probabilities:
         targets.append((outputs[1], sink.shape, np.float32, axes, False))
     try:
-        with stop.installed():
+        with stop.installed(), contextlib.closing(rows):   # closes the progress bar first
             write_tiff_streams(targets, rows)
     except (IncompleteWrite, KeyboardInterrupt):
         print("tiled-unet segment: stopped; no output was written", file=sys.stderr)

@@ -134,7 +134,7 @@ def test_cancel_adds_no_layer_and_the_viewer_stays_usable(viewer, qtbot, model_f
     widget = segment_widget(viewer, model_file)
     widget._tile.value = "48"
     widget.start()
-    qtbot.waitUntil(lambda: widget._bar is not None, timeout=30_000)
+    qtbot.waitUntil(lambda: widget._bar.started, timeout=30_000)
     widget.cancel()
     qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
     assert [layer.name for layer in viewer.layers] == ["big"]
@@ -165,7 +165,7 @@ def test_removing_the_image_during_a_run_stops_it(viewer, qtbot, model_file, rng
     widget = segment_widget(viewer, model_file)
     widget._tile.value = "48"
     widget.start()
-    qtbot.waitUntil(lambda: widget._bar is not None, timeout=30_000)
+    qtbot.waitUntil(lambda: widget._bar.started, timeout=30_000)
     viewer.layers.remove("gone")
     qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
     assert len(viewer.layers) == 0

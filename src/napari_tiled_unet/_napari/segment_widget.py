@@ -12,14 +12,13 @@ import numpy as np
 from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, LineEdit,
                               PushButton, SpinBox, create_widget)
 from napari.qt.threading import thread_worker
-from napari.utils import progress
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ._layers import Placement, current_plane_index, is_lazy, model_input, plane_of
 from ._session import FROM_FILE, SESSION_MODELS, model_choices
+from ._work import Failure, LazyProgress
 
 SCOPES = ("whole stack", "current plane")
-_OPENING = object()   # a progress bar being created
 
 
 @dataclass
@@ -38,13 +37,6 @@ class SegmentJob:
     placement: Placement
     plane: tuple | None = None    # leading index when only the current plane is segmented
     stop: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass
-class Failure:
-    """A user error found in the worker (bad model file, wrong channels): shown as a notification."""
-
-    message: str
 
 
 class SegmentWidget(Container):
@@ -108,7 +100,7 @@ class SegmentWidget(Container):
         except (ValueError, FileNotFoundError) as error:
             show_error(str(error))
             return
-        self._job = job
+        self._job, self._bar = job, LazyProgress(f"Segmenting {job.name}")
         worker = _segment(job)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
@@ -176,12 +168,7 @@ class SegmentWidget(Container):
         )
 
     def _on_progress(self, event) -> None:
-        if self._bar is _OPENING:
-            return   # creating the bar runs the event loop, which delivers later events early
-        if self._bar is None:
-            self._bar = _OPENING
-            self._bar = progress(total=event.total, desc=f"Segmenting {self._job.name}")
-        self._bar.update(event.done - self._bar.n)
+        self._bar.update(event.done, event.total)
 
     def _on_layer_removed(self, event) -> None:
         if self._job is not None and event.value is self._job.layer:
@@ -205,9 +192,8 @@ class SegmentWidget(Container):
 
     def _on_finished(self) -> None:
         self._viewer.layers.events.removed.disconnect(self._on_layer_removed)
-        if self._bar is not None and self._bar is not _OPENING:
-            self._bar.close()
-        self._worker, self._job, self._bar = None, None, None
+        self._bar.close()
+        self._worker, self._job = None, None
         self._run.enabled, self._cancel.enabled = True, False
         self._device.reset_choices()
 

@@ -11,11 +11,11 @@ import numpy as np
 from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label,
                               PushButton, SpinBox, create_widget)
 from napari.qt.threading import thread_worker
-from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 
 from ._layers import full_resolution, model_input
 from ._session import SESSION_MODELS
+from ._work import Failure, LazyProgress
 from ..models import DEFAULT_MODEL
 
 STARTS = ("scratch", "bundled default", "file")
@@ -23,7 +23,6 @@ STARTS = ("scratch", "bundled default", "file")
 # at that rate would throw away much of what it knows.
 LEARNING_RATES = {"scratch": 1e-3, "bundled default": 1e-4, "file": 1e-4}
 MODEL_FOLDER = Path.home() / "napari-tiled-unet" / "models"
-_OPENING = object()   # a progress bar being created
 
 
 @dataclass
@@ -36,11 +35,6 @@ class TrainJob:
     init: Path | None
     in_channels: int
     stop: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass
-class Failure:
-    message: str
 
 
 class TrainWidget(Container):
@@ -106,7 +100,7 @@ class TrainWidget(Container):
         except (ValueError, FileNotFoundError) as error:
             show_error(str(error))
             return
-        self._job, self.last_event = job, None
+        self._job, self.last_event, self._bar = job, None, LazyProgress("Training")
         self.plot.clear()
         worker = _train(job)
         worker.yielded.connect(self._on_event)
@@ -177,11 +171,7 @@ class TrainWidget(Container):
         return path
 
     def _on_event(self, event) -> None:
-        if self._bar is None:
-            self._bar = _OPENING   # creating the bar runs the event loop: no second bar meanwhile
-            self._bar = progress(total=event.iterations, desc="Training")
-        if self._bar is not _OPENING:
-            self._bar.update(event.iteration - self._bar.n)
+        self._bar.update(event.iteration, event.iterations)
         self.last_event = event
         self.plot.add(event)
 
@@ -198,9 +188,8 @@ class TrainWidget(Container):
                       f"{best.get('ap50', float('nan')):.3f}); it is selected in the Segment widget")
 
     def _on_finished(self) -> None:
-        if self._bar is not None and self._bar is not _OPENING:
-            self._bar.close()
-        self._worker, self._job, self._bar = None, None, None
+        self._bar.close()
+        self._worker, self._job = None, None
         self._train.enabled, self._stop.enabled = True, False
         self.plot.draw()
 

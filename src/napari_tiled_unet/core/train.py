@@ -272,7 +272,9 @@ class _Session:
                      "weights": self.config.weights},
             "training_planes": len(self.train_planes),
             "validation_planes": len(self.val_planes),
-            "validation_samples": sorted({int(p.source[0]) for p in self.val_planes}),
+            # samples never trained on (none when a lone image validates on itself)
+            "validation_samples": sorted({int(p.source[0]) for p in self.val_planes}
+                                         - {int(p.source[0]) for p in self.train_planes}),
         }
         if "postprocess" in previous:   # a fine-tuned model starts from its parent's recommendation
             metadata["postprocess"] = previous["postprocess"]

@@ -24,6 +24,20 @@ def stack_file(tmp_path, rng):
     return path
 
 
+def annotated_files(folder, seeds, size):
+    """Synthetic image and uint16 label TIFFs in ``folder``; returns (image paths, label paths)."""
+    from .synthetic import touching_blobs
+
+    images, labels = [], []
+    for seed in seeds:
+        image, truth = touching_blobs(seed, size=size)
+        images.append(folder / f"img{seed}.tif")
+        labels.append(folder / f"lab{seed}.tif")
+        tifffile.imwrite(images[-1], image)
+        tifffile.imwrite(labels[-1], truth.astype(np.uint16))
+    return images, labels
+
+
 def segment(*args):
     return cli.main(["segment", *map(str, args), "--quiet"])
 
@@ -114,15 +128,7 @@ def test_console_script_runs_as_a_program(tmp_path, model_file, stack_file):
 
 
 def test_train_writes_a_model_that_segment_uses(tmp_path, capsys):
-    from .synthetic import touching_blobs
-
-    images, labels = [], []
-    for seed in range(3):
-        image, truth = touching_blobs(seed, size=96)
-        images.append(tmp_path / f"img{seed}.tif")
-        labels.append(tmp_path / f"lab{seed}.tif")
-        tifffile.imwrite(images[-1], image)
-        tifffile.imwrite(labels[-1], truth.astype(np.uint16))
+    images, labels = annotated_files(tmp_path, seeds=range(3), size=96)
     model = tmp_path / "trained.safetensors"
     code = cli.main(["train", "--images", *map(str, images), "--labels", *map(str, labels),
                      "-o", str(model), "--iterations", "6", "--validate-every", "3", "--patch", "92",
@@ -159,17 +165,9 @@ def test_tune_stores_the_best_threshold_and_size_in_the_model(tmp_path, rng):
     from napari_tiled_unet.core.postprocess import MIN_SIZES, THRESHOLDS, label_plane
     from napari_tiled_unet.core.predict import predict_array
 
-    from .synthetic import touching_blobs
-
     path = save_model(make_model(depth=2, base_channels=3, seed=4), tmp_path / "m.safetensors",
                       metadata={"note": "kept"})
-    images, labels = [], []
-    for seed in range(2):
-        image, truth = touching_blobs(seed, size=80)
-        images.append(tmp_path / f"i{seed}.tif")
-        labels.append(tmp_path / f"l{seed}.tif")
-        tifffile.imwrite(images[-1], image)
-        tifffile.imwrite(labels[-1], truth)
+    images, labels = annotated_files(tmp_path, seeds=range(2), size=80)
     assert cli.main(["tune", str(path), "--images", *map(str, images), "--labels", *map(str, labels)]) == 0
     model = load_model(path)
     chosen = model.metadata["postprocess"]

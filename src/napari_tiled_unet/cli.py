@@ -73,7 +73,7 @@ def _segment(args) -> int:
     from .core.io import IncompleteWrite, read_tiff, release_mapped_pages, write_tiff_streams
     from .core.modelfile import load_model
     from .core.postprocess import postprocess_options
-    from .core.predict import predict
+    from .core.predict import positive_or_auto, predict
 
     outputs = _checked_outputs(args)
     postprocess_options(None, args.threshold, args.min_size)  # given values are checked first
@@ -88,7 +88,7 @@ def _segment(args) -> int:
     sink = _PlaneBuffer(leading, image.shape[-2:])
     events = predict(
         model, image.data, sink, channel_axis=channel_axis,
-        tile=_positive_or_auto("--tile", args.tile), batch=_positive_or_auto("--batch", args.batch),
+        tile=positive_or_auto("--tile", args.tile), batch=positive_or_auto("--batch", args.batch),
         device=args.device, precision=args.precision, should_stop=stop,
     )
     counts: list[int] = []
@@ -130,18 +130,6 @@ def _model_path(path: Path | None) -> Path:
     if not DEFAULT_MODEL.is_file():
         raise UsageError("--model: no bundled default model is installed; pass a model file")
     return DEFAULT_MODEL
-
-
-def _positive_or_auto(option, text):
-    if text == "auto":
-        return "auto"
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise UsageError(f"{option}: expected a positive integer or 'auto', got {text!r}")
-    return value
 
 
 def _labels_dtype(sink, min_size) -> np.dtype:
@@ -383,28 +371,27 @@ def _add_tune_parser(commands):
     tune.add_argument("--images", type=Path, nargs="+", required=True)
     tune.add_argument("--labels", type=Path, nargs="+", required=True)
     tune.add_argument("--device", default="auto")
+    tune.set_defaults(regions=None)   # read like training data, without regions
     return tune
 
 
 def _tune(args) -> int:
-    from .core.io import read_tiff
     from .core.modelfile import load_model, save_model
     from .core.postprocess import choose_postprocess
     from .core.predict import predict_array
 
-    if len(args.labels) != len(args.images):
-        raise UsageError(f"--labels: expected one per image ({len(args.images)}), got {len(args.labels)}")
+    samples = _training_samples(args)
     model = load_model(args.model)
     probabilities, truths = [], []
-    for image_path, labels_path in zip(args.images, args.labels):
-        image = read_tiff(image_path, name="--images")
-        truth = np.asarray(read_tiff(labels_path, name="--labels").data)
-        probability = predict_array(model, np.asarray(image.data), channel_axis=image.channel_axis,
+    for sample, labels_path in zip(samples, args.labels):
+        probability = predict_array(model, sample.image, channel_axis=sample.channel_axis,
                                     device=args.device)
-        if probability.shape != truth.shape:
-            raise UsageError(f"--labels: {labels_path} has shape {truth.shape}, expected {probability.shape}")
-        probabilities += list(probability.reshape((-1,) + truth.shape[-2:]))
-        truths += list(truth.reshape((-1,) + truth.shape[-2:]))
+        if probability.shape != sample.labels.shape:
+            raise UsageError(f"--labels: {labels_path} has shape {sample.labels.shape}, "
+                             f"expected {probability.shape}")
+        plane_shape = sample.labels.shape[-2:]
+        probabilities += list(probability.reshape((-1,) + plane_shape))
+        truths += list(sample.labels.reshape((-1,) + plane_shape))
     chosen = choose_postprocess(probabilities, truths)
     save_model(model, args.model, metadata={**model.metadata, "postprocess": chosen})
     print(f"{args.model}: threshold {chosen['threshold']}, min size {chosen['min_size']} px "

@@ -129,12 +129,18 @@ def test_multichannel_image_with_a_two_channel_model(viewer, qtbot, tmp_path, rn
     np.testing.assert_array_equal(labels.data, expected)
 
 
-def test_cancel_adds_no_layer_and_the_viewer_stays_usable(viewer, qtbot, model_file, rng):
-    viewer.add_image(rng.random((400, 400)).astype(np.float32), name="big")
+def start_a_long_run(viewer, qtbot, model_file, rng, name):
+    """Segment a 400x400 image in many small tiles; return once the first tiles are done."""
+    viewer.add_image(rng.random((400, 400)).astype(np.float32), name=name)
     widget = segment_widget(viewer, model_file)
     widget._tile.value = "48"
     widget.start()
     qtbot.waitUntil(lambda: widget._bar.started, timeout=30_000)
+    return widget
+
+
+def test_cancel_adds_no_layer_and_the_viewer_stays_usable(viewer, qtbot, model_file, rng):
+    widget = start_a_long_run(viewer, qtbot, model_file, rng, "big")
     widget.cancel()
     qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
     assert [layer.name for layer in viewer.layers] == ["big"]
@@ -161,11 +167,7 @@ def test_result_goes_to_its_image_when_selection_and_names_change(viewer, qtbot,
 
 
 def test_removing_the_image_during_a_run_stops_it(viewer, qtbot, model_file, rng):
-    viewer.add_image(rng.random((400, 400)).astype(np.float32), name="gone")
-    widget = segment_widget(viewer, model_file)
-    widget._tile.value = "48"
-    widget.start()
-    qtbot.waitUntil(lambda: widget._bar.started, timeout=30_000)
+    widget = start_a_long_run(viewer, qtbot, model_file, rng, "gone")
     viewer.layers.remove("gone")
     qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
     assert len(viewer.layers) == 0

@@ -14,6 +14,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpin
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
+from ..core.predict import positive_or_auto
 from ._layers import Placement, current_plane_index, is_lazy, model_input, plane_of
 from ._session import FROM_FILE, SESSION_MODELS, model_choices
 from ._work import Failure, LazyProgress
@@ -159,8 +160,8 @@ class SegmentWidget(Container):
             plane = current_plane_index(layer, self._viewer.dims.point, axis)
         return SegmentJob(
             layer=layer, name=layer.name, data=data, channel_axis=axis, model_path=model_path,
-            options={"tile": _positive_or_auto("tile size", self._tile.value),
-                     "batch": _positive_or_auto("batch", self._batch.value),
+            options={"tile": positive_or_auto("tile size", self._tile.value),
+                     "batch": positive_or_auto("batch", self._batch.value),
                      "device": self._device.value},
             threshold=float(self._threshold.value), min_size=int(self._min_size.value),
             probabilities=bool(self._probabilities.value), placement=Placement.of(layer, axis),
@@ -298,12 +299,3 @@ def _device_choices(*_) -> list[str]:
     if torch is not None and torch.cuda.is_available():
         choices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     return choices
-
-
-def _positive_or_auto(name: str, text: str):
-    text = str(text).strip()
-    if text == "auto":
-        return "auto"
-    if text.isdigit() and int(text) > 0:
-        return int(text)
-    raise ValueError(f"{name}: expected a positive integer or 'auto', got {text!r}")

@@ -400,6 +400,22 @@ def _check_out(out, expected):
         raise ValueError(f"out: expected a float dtype for probabilities, got {np.dtype(out.dtype)}")
 
 
+def positive_or_auto(name: str, text) -> int | str:
+    """A tile or batch setting typed by a user: "auto", or a positive integer given as text.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name``, when ``text`` is neither.
+    """
+    text = str(text).strip()
+    if text == "auto":
+        return "auto"
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise ValueError(f"{name}: expected a positive integer or 'auto', got {text!r}")
+
+
 def _check_tile(tile):
     if tile == "auto":
         return

@@ -73,7 +73,8 @@ def _segment(args) -> int:
     from .core.io import IncompleteWrite, read_tiff, release_mapped_pages, write_tiff_streams
     from .core.modelfile import load_model
     from .core.postprocess import postprocess_options
-    from .core.predict import positive_or_auto, predict
+    from .core.predict import positive_or_auto
+    from .core.segment import segment
 
     outputs = _checked_outputs(args)
     postprocess_options(None, args.threshold, args.min_size)  # given values are checked first
@@ -82,23 +83,22 @@ def _segment(args) -> int:
     if channel_axis is not None and -len(image.shape) <= channel_axis < len(image.shape):
         channel_axis %= len(image.shape)  # out-of-range values are reported by predict
     model = load_model(_model_path(args.model))
-    args.threshold, args.min_size = postprocess_options(model.metadata, args.threshold, args.min_size)
     stop = _StopFlag()
-    leading = tuple(n for i, n in enumerate(image.shape[:-2]) if i != channel_axis)
-    sink = _PlaneBuffer(leading, image.shape[-2:])
-    events = predict(
-        model, image.data, sink, channel_axis=channel_axis,
-        tile=positive_or_auto("--tile", args.tile), batch=positive_or_auto("--batch", args.batch),
-        device=args.device, precision=args.precision, should_stop=stop,
+    events = segment(
+        model, image.data, channel_axis=channel_axis, threshold=args.threshold,
+        min_size=args.min_size, tile=positive_or_auto("--tile", args.tile),
+        batch=positive_or_auto("--batch", args.batch), device=args.device,
+        precision=args.precision, should_stop=stop,
     )
+    _, min_size = postprocess_options(model.metadata, args.threshold, args.min_size)
     counts: list[int] = []
-    rows = _label_rows(events, sink, args, counts,
-                       on_plane=lambda: release_mapped_pages(image.data))
+    rows = _plane_rows(events, args.quiet, counts, on_plane=lambda: release_mapped_pages(image.data))
     axes = "".join(a for i, a in enumerate(image.axes) if i != channel_axis)
+    shape = tuple(n for i, n in enumerate(image.shape) if i != channel_axis)
     # Labels compress many times over, which matters when their dtype must be wide.
-    targets = [(outputs[0], sink.shape, _labels_dtype(sink, args.min_size), axes, True)]
+    targets = [(outputs[0], shape, _labels_dtype(shape, min_size), axes, True)]
     if args.probabilities:
-        targets.append((outputs[1], sink.shape, np.float32, axes, False))
+        targets.append((outputs[1], shape, np.float32, axes, False))
     try:
         with stop.installed(), contextlib.closing(rows):   # closes the progress bar first
             write_tiff_streams(targets, rows)
@@ -132,58 +132,32 @@ def _model_path(path: Path | None) -> Path:
     return DEFAULT_MODEL
 
 
-def _labels_dtype(sink, min_size) -> np.dtype:
+def _labels_dtype(shape, min_size) -> np.dtype:
     from .core.postprocess import labels_dtype
 
     # The file's dtype is fixed before the first plane is labelled: bound the id count by the
     # number of disjoint objects of at least min_size pixels that fit in a plane.
-    height, width = sink.shape[-2:]
+    height, width = shape[-2:]
     return labels_dtype(height * width // max(min_size, 1))
 
 
-def _label_rows(events, sink, args, counts, on_plane):
-    """Drive the engine; yield (labels, probabilities) for each plane as it completes."""
-    from .core.postprocess import label_plane
-
-    bar = _ProgressBar(args.quiet)
-    emitted = 0
+def _plane_rows(events, quiet, counts, on_plane):
+    """Drain the segment step; yield (labels, probability) for each plane, in order."""
+    bar = _ProgressBar(quiet)
     try:
         for event in events:
             bar.update(event)
-            if event.stopped:
-                return
-            while emitted < event.planes_done:
-                probability = sink.pop(emitted)
-                labels = label_plane(probability, args.threshold, args.min_size)
-                counts.append(int(labels.max()))
-                emitted += 1
+            for plane in event.planes:
+                counts.append(plane.count)
                 on_plane()
-                yield labels, probability
+                yield plane.labels, plane.probability
     finally:
         bar.close()
 
 
-class _PlaneBuffer:
-    """Array-like target for the engine that keeps only planes still being written."""
-
-    dtype = np.dtype(np.float32)
-
-    def __init__(self, leading, plane_shape):
-        self.leading = tuple(leading)
-        self.plane_shape = tuple(plane_shape)
-        self.shape = self.leading + self.plane_shape
-        self.planes: dict[int, np.ndarray] = {}
-
-    def __setitem__(self, key, value):
-        index = int(np.ravel_multi_index(key[:-2], self.leading)) if self.leading else 0
-        plane = self.planes.setdefault(index, np.zeros(self.plane_shape, np.float32))
-        plane[key[-2:]] = value
-
-    def pop(self, index: int) -> np.ndarray:
-        return self.planes.pop(index)
-
-
 class _ProgressBar:
+    """Tiles done, with the plane count; no rate until the first batch is timed."""
+
     def __init__(self, quiet):
         self.quiet = quiet
         self.bar = None
@@ -197,7 +171,7 @@ class _ProgressBar:
             self.bar = tqdm(total=event.total, unit="tile", file=sys.stderr)
         self.bar.total = event.total
         self.bar.n = event.done
-        self.bar.refresh()
+        self.bar.set_postfix_str(f"plane {event.planes_done}/{event.planes_total}", refresh=True)
 
     def close(self):
         if self.bar is not None:
@@ -250,6 +224,13 @@ def _add_train_parser(commands):
                        help="learning rate over the run (cosine: decays to 0 at the last iteration)")
     train.add_argument("--depth", type=int, default=3)
     train.add_argument("--base-channels", type=int, default=16)
+    train.add_argument("--mode", choices=("paper", "boundary"), default="paper",
+                       help="output: paper (background / foreground, touching objects split by a "
+                            "gap) or boundary (background / interior / boundary, split by "
+                            "watershed from the interiors)")
+    train.add_argument("--zoom", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(0.5, 2.0),
+                       help="scale augmentation range: objects appear LOW to HIGH times their "
+                            "size (default 0.5 2; 1 1 turns it off)")
     train.add_argument("--norm", choices=("none", "batch"), default="none",
                        help="normalisation layer after each convolution (default none, as in the paper)")
     train.add_argument("--weights", choices=("paper", "fiji"), default="paper",
@@ -272,7 +253,11 @@ def _add_train_parser(commands):
 
 
 def _train(args) -> int:
+    from dataclasses import replace
+
+    from .core.augment import Augmentation
     from .core.model import UNetConfig
+    from .core.targets import n_classes_of
     from .core.train import TrainConfig, train
 
     if args.output.exists() and not (args.overwrite or args.resume):
@@ -288,12 +273,12 @@ def _train(args) -> int:
         sigma=args.sigma if args.sigma is not None else (5.0 if paper else 6.0),
         pixel_size=args.pixel_size, ignore_label=args.ignore_label,
         val_fraction=args.val_fraction, val_split=args.val_split, validate_every=args.validate_every, seed=args.seed,
-        device=args.device,
+        device=args.device, augmentation=replace(Augmentation(), zoom=_zoom_range(args.zoom)),
     )
     model_config = None if (args.init or args.resume) else UNetConfig(
         depth=args.depth, base_channels=args.base_channels,
         norm=None if args.norm == "none" else args.norm,
-        in_channels=_channels(samples[0]),
+        in_channels=_channels(samples[0]), n_classes=n_classes_of(args.mode),
     )
     stop = _StopFlag()
     events = train(samples, args.output, config=config, model_config=model_config,
@@ -308,6 +293,13 @@ def _train(args) -> int:
           f"AP@0.5 {best.get('ap50', float('nan')):.3f}, pixel IoU {best.get('iou', float('nan')):.3f} "
           f"(iteration {best.get('iteration', '-')}); model: {args.output}")
     return 0
+
+
+def _zoom_range(values) -> tuple[float, float]:
+    low, high = (float(v) for v in values)
+    if not (0 < low <= high < float("inf")):
+        raise UsageError(f"--zoom: expected 0 < LOW <= HIGH, got {low} {high}")
+    return low, high
 
 
 def _training_samples(args):

@@ -63,3 +63,67 @@ def test_an_early_end_or_error_leaves_no_file_and_keeps_the_old_one(tmp_path):
         write_tiff_stream(target, (3, 5, 6), np.uint16, "ZYX", [np.zeros((5, 6))])
     assert target.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.tif"]
+
+
+def test_a_failing_writer_ends_the_run_at_once_and_commits_nothing(tmp_path):
+    """A writer error (disk full, wrong plane) used to hang: the other writers kept waiting."""
+    import threading
+
+    labels, probabilities = tmp_path / "labels.tif", tmp_path / "prob.tif"
+    labels.write_bytes(b"old labels")
+    probabilities.write_bytes(b"old probabilities")
+    rows = ((np.zeros((4, 4)), np.zeros((5, 6))) for _ in range(3))   # labels planes mis-shaped
+    outcome = []
+
+    def run():
+        try:
+            write_tiff_streams([(labels, (3, 5, 6), np.uint16, "ZYX"),
+                                (probabilities, (3, 5, 6), np.float32, "ZYX")], rows)
+        except ValueError as error:
+            outcome.append(str(error))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive(), "write_tiff_streams hung after a writer error"
+    assert outcome and "plane 0: expected shape (5, 6), got (4, 4)" in outcome[0]
+    assert labels.read_bytes() == b"old labels"
+    assert probabilities.read_bytes() == b"old probabilities"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.tif", "prob.tif"]
+
+
+def test_outputs_commit_together_only_when_every_file_is_complete(tmp_path, monkeypatch):
+    from napari_tiled_unet.core import io
+
+    real = io._TiffTarget.write
+
+    def probabilities_fail(self, planes):
+        if self.path.name == "prob.tif":
+            for _ in planes:
+                raise OSError(28, "No space left on device")
+        return real(self, planes)
+
+    monkeypatch.setattr(io._TiffTarget, "write", probabilities_fail)
+    labels = tmp_path / "labels.tif"
+    labels.write_bytes(b"old labels")
+    rows = [(np.ones((5, 6)), np.ones((5, 6)))] * 3
+    with pytest.raises(OSError, match="No space left"):
+        write_tiff_streams([(labels, (3, 5, 6), np.uint16, "ZYX"),
+                            (tmp_path / "prob.tif", (3, 5, 6), np.float32, "ZYX")], rows)
+    assert labels.read_bytes() == b"old labels"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.tif"]
+
+
+def test_stream_writing_round_trips_several_files(tmp_path):
+    import tifffile
+
+    rows = [(np.full((5, 6), k, np.uint16), np.full((5, 6), k / 10, np.float32)) for k in range(4)]
+    written = write_tiff_streams([(tmp_path / "a.tif", (2, 2, 5, 6), np.uint16, "TZYX", True),
+                                  (tmp_path / "b.tif", (2, 2, 5, 6), np.float32, "TZYX")], rows)
+    assert written == [tmp_path / "a.tif", tmp_path / "b.tif"]
+    a, b = tifffile.imread(written[0]), tifffile.imread(written[1])
+    assert a.shape == (2, 2, 5, 6) and [int(p[0, 0]) for p in a.reshape(4, 5, 6)] == [0, 1, 2, 3]
+    assert np.allclose(b.reshape(4, 5, 6)[:, 0, 0], [0, 0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="more planes than its shape"):
+        write_tiff_streams([(tmp_path / "c.tif", (2, 5, 6), np.uint16, "ZYX")], rows)
+    assert not (tmp_path / "c.tif").exists()

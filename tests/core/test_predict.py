@@ -64,7 +64,6 @@ def bad(image=None, **options):
     (bad(in_channels=2), "expects 2 input channel"),
     (bad(np.zeros((3, 30, 30)), channel_axis=2), "channel_axis: the last two axes"),
     (bad(device="tpu"), "device: expected 'auto', 'cpu', 'cuda'"),
-    (bad(device="cuda:0"), "device: 'cuda:0' requested, but no CUDA device"),
     (bad(tile=0), "tile: expected 'auto'"),
     (bad(batch=0), "batch: expected .auto. or a positive integer"),
     (bad(precision="fp8"), "precision: expected one of"),
@@ -74,6 +73,59 @@ def bad(image=None, **options):
 def test_bad_input_is_rejected_when_predict_is_called(case, match):
     with pytest.raises(ValueError, match=match):
         case()  # raised by the call itself, before the generator does any work
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_cuda_without_it_is_a_clear_error():
+    with pytest.raises(ValueError, match="device: 'cuda:0' requested, but no CUDA device"):
+        bad(device="cuda:0")()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.float64])
+def test_raw_tiles_travel_in_their_own_dtype_and_match_float_input(dtype, rng):
+    model = make_model(depth=2, base_channels=3)
+    image = rng.integers(0, 120, (2, 90, 70)).astype(dtype)
+    norm = Normalization("percentile", 1.0, 99.0)
+    reference = predict_array(model, image.astype(np.float32), normalization=norm, tile=60)
+    result = predict_array(model, image, normalization=norm, tile=60)
+    assert np.abs(result - reference).max() <= 1e-6
+
+
+def test_channel_padded_first_layer_gives_the_same_output(rng):
+    """On CUDA the first convolution is padded to 8 input channels for tensor cores; the extra
+    zero channels must not change a single value (checked here on the CPU)."""
+    import torch
+
+    from napari_tiled_unet.core.predict import _ChannelPadded
+
+    model = make_model(depth=2, base_channels=4, in_channels=3)
+    x = torch.from_numpy(rng.random((2, 3, 92, 92), dtype=np.float32))
+    with torch.no_grad():
+        expected = model(x)
+        padded = _ChannelPadded(model)(x)
+    assert padded.shape == expected.shape and torch.allclose(padded, expected, atol=1e-6)
+    assert model.down[0][0].in_channels == 3   # the caller's model is left as it was
+
+
+def test_a_failing_compiler_falls_back_to_the_plain_network(rng, monkeypatch):
+    import torch
+
+    calls = []
+
+    def broken_compile(network, **options):
+        def compiled(x):
+            calls.append(x.shape)
+            raise RuntimeError("inductor: no C++ compiler (simulated)")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = make_model(depth=2)
+    image = rng.random((2, 80, 80), dtype=np.float32)
+    expected = predict_array(model, image, tile=64, compile=False)
+    assert np.array_equal(predict_array(model, image, tile=64, compile=True), expected)
+    assert len(calls) == 1        # tried once, then the plain network for every batch
+    with pytest.raises(ValueError, match="compile: expected 'auto', True or False"):
+        predict_array(model, image, compile="yes")
 
 
 def test_out_of_memory_retries_with_a_smaller_tile_and_stays_exact(rng, monkeypatch):

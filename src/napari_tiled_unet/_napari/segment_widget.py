@@ -240,10 +240,10 @@ def _allocate(shape, dtype, lazy: bool, name: str):
 
 @thread_worker
 def _segment(job: SegmentJob):
-    """Worker: yields engine Progress events; returns (labels, probability or None, object
-    count), None when cancelled, or a Failure."""
+    """Worker: drains the core segment step, yielding its events; returns (labels,
+    probability or None, object count), None when cancelled, or a Failure."""
     from ..core.modelfile import load_model
-    from ..core.predict import predict
+    from ..core.segment import segment
 
     data, axis = job.data, job.channel_axis
     if job.plane is not None:
@@ -252,43 +252,38 @@ def _segment(job: SegmentJob):
     lazy = is_lazy(job.data) and job.plane is None
     try:
         model = load_model(job.model_path)
-        probability = _allocate(shape, np.float32, lazy, "probability")
-        events = predict(model, data, probability, channel_axis=axis, should_stop=job.stop.is_set,
-                         **job.options)
+        events = segment(model, data, channel_axis=axis, threshold=job.threshold,
+                         min_size=job.min_size, should_stop=job.stop.is_set, **job.options)
     except (ValueError, FileNotFoundError) as error:
         return Failure(str(error))
+    planes, probability = {}, _allocate(shape, np.float32, lazy, "probability") if job.probabilities else None
+    labels = _allocate(shape, np.uint32, True, "labels") if lazy else None
+    count = 0
     for event in events:
-        yield event
         if event.stopped:
             return None
-    labels, count = _label_planes(probability, job, lazy)
-    if job.stop.is_set():
-        return None
-    return labels, (probability if job.probabilities else None), count
+        for plane in event.planes:
+            count += plane.count
+            if probability is not None:
+                probability[plane.lead] = plane.probability
+            if lazy:
+                labels[plane.lead] = plane.labels
+            else:
+                planes[plane.lead] = plane.labels
+        yield event
+    return (labels if lazy else _stacked(planes, shape)), probability, count
 
 
-def _label_planes(probability, job: SegmentJob, lazy: bool):
-    from ..core.postprocess import label_plane, labels_dtype
+def _stacked(planes: dict, shape):
+    """The planes in one array of at least uint16, so that a user correcting the result can
+    paint ids beyond the largest found."""
+    from ..core.postprocess import labels_dtype
 
-    leading = probability.shape[:-2]
-    planes = {}
-    labels = _allocate(probability.shape, np.uint32, True, "labels") if lazy else None
-    count = 0
-    for index in np.ndindex(*leading):
-        if job.stop.is_set():
-            break
-        plane = label_plane(np.asarray(probability[index]), job.threshold, job.min_size)
-        count += int(plane.max())
-        if lazy:
-            labels[index] = plane
-        else:
-            planes[index] = plane
-    if not lazy:
-        largest = max((int(p.max()) for p in planes.values()), default=0)
-        labels = np.zeros(probability.shape, labels_dtype(largest))
-        for index, plane in planes.items():
-            labels[index] = plane
-    return labels, count
+    largest = max((int(p.max()) for p in planes.values()), default=0)
+    labels = np.zeros(shape, labels_dtype(max(largest, np.iinfo(np.uint8).max + 1)))
+    for lead, plane in planes.items():
+        labels[lead] = plane
+    return labels
 
 
 def _device_choices(*_) -> list[str]:

@@ -27,6 +27,10 @@ class Augmentation:
         Random flips and multiples of 90-degree rotations.
     scale, shift, gamma : (float, float)
         Ranges of the intensity changes ``((x * scale + shift) ** gamma``, sign kept).
+    zoom : (float, float)
+        Range of the geometric scale factor (drawn log-uniformly): objects appear this many times
+        their size, so that one model covers a range of object sizes. Applied when patches are
+        cut (:func:`napari_tiled_unet.core.train`), from a window of ``patch / zoom`` pixels.
     """
 
     elastic_sigma: float = 10.0
@@ -35,9 +39,10 @@ class Augmentation:
     scale: tuple[float, float] = (0.8, 1.2)
     shift: tuple[float, float] = (-0.1, 0.1)
     gamma: tuple[float, float] = (0.75, 1.33)
+    zoom: tuple[float, float] = (0.5, 2.0)
 
 
-NO_AUGMENTATION = Augmentation(0.0, 3, False, (1.0, 1.0), (0.0, 0.0), (1.0, 1.0))
+NO_AUGMENTATION = Augmentation(0.0, 3, False, (1.0, 1.0), (0.0, 0.0), (1.0, 1.0), (1.0, 1.0))
 
 
 def augment(image: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,

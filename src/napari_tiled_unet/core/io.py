@@ -166,26 +166,48 @@ def write_tiff_stream(path, shape, dtype, axes: str | None, planes, compress: bo
     IncompleteWrite
         ``planes`` ended before the stack was complete.
     """
-    import tifffile
-
-    path = Path(path)
-    shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
-    expected = int(np.prod(shape[:-2], dtype=np.int64))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    target = _TiffTarget(path, shape, dtype, axes, compress)
     try:
-        with tifffile.TiffWriter(tmp, bigtiff=nbytes >= _BIGTIFF_BYTES) as writer:
-            writer.write(
-                _checked_planes(planes, shape[-2:], dtype, expected),
-                shape=shape, dtype=dtype, photometric="minisblack",
-                metadata={"axes": axes} if axes else {},
-                compression="zlib" if compress else None,
-                compressionargs={"level": 1} if compress else None,
-            )
-        os.replace(tmp, path)
+        target.write(planes)
+        target.commit()
     finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        target.discard()
+    return target.path
+
+
+class _TiffTarget:
+    """One output TIFF: written to a uniquely named hidden file beside it, then committed."""
+
+    def __init__(self, path, shape, dtype, axes, compress=False):
+        import uuid
+
+        self.path = Path(path)
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype, self.axes, self.compress = np.dtype(dtype), axes, compress
+        # pid + random: two runs never share a temporary file, even with recycled pids
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+
+    def write(self, planes) -> None:
+        import tifffile
+
+        expected = int(np.prod(self.shape[:-2], dtype=np.int64))
+        nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        with tifffile.TiffWriter(self.tmp, bigtiff=nbytes >= _BIGTIFF_BYTES) as writer:
+            writer.write(
+                _checked_planes(planes, self.shape[-2:], self.dtype, expected),
+                shape=self.shape, dtype=self.dtype, photometric="minisblack",
+                metadata={"axes": self.axes} if self.axes else {},
+                compression="zlib" if self.compress else None,
+                compressionargs={"level": 1} if self.compress else None,
+            )
+        with open(self.tmp, "rb+") as handle:   # on disk before it takes the name
+            os.fsync(handle.fileno())
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
 
 
 def _checked_planes(planes, plane_shape, dtype, expected):
@@ -196,19 +218,24 @@ def _checked_planes(planes, plane_shape, dtype, expected):
             raise ValueError(f"plane {count}: expected shape {tuple(plane_shape)}, got {plane.shape}")
         yield plane.astype(dtype, copy=False)
         count += 1
-    if count != expected:
+    if count > expected:
+        raise ValueError(f"more planes than its shape holds: got {count} of {expected}")
+    if count < expected:
         raise IncompleteWrite(f"got {count} planes of {expected}; nothing was written")
 
 
-_END = object()
-
-
 def write_tiff_streams(targets, rows) -> list[Path]:
-    """Write several stacks in lockstep, each atomically, pulling one row of planes at a time.
+    """Write several stacks in lockstep, pulling one row of planes at a time; all files are
+    committed together, or none is.
+
+    Each file is written (and compressed) by a thread of its own from a small hand-off queue,
+    so writing overlaps whatever produces the rows in the calling thread. If any writer fails
+    or ``rows`` raises or ends early, every temporary file is removed and no existing file is
+    touched.
 
     Parameters
     ----------
-    targets : list of (path, shape, dtype, axes, compress)
+    targets : list of (path, shape, dtype, axes[, compress])
         One entry per file, as the arguments of :func:`write_tiff_stream`.
     rows : iterable of tuples of numpy.ndarray
         The k-th plane of every file, in the order of ``targets``.
@@ -217,53 +244,100 @@ def write_tiff_streams(targets, rows) -> list[Path]:
     -------
     list of Path
     """
-    import queue
-    import threading
-
-    if len(targets) == 1:
-        return [_write_target(targets[0], (row[0] for row in rows))]
-    handoffs = [queue.Queue(maxsize=1) for _ in targets[1:]]
-    errors: list[BaseException] = []
-
-    def side_writer(target, handoff):
-        planes = _until_end(handoff)
-        try:
-            _write_target(target, planes)
-        except BaseException as error:  # reported on the main thread below
-            errors.append(error)
-            for _ in planes:  # keep the producer from blocking on a full hand-off
-                pass
-
-    threads = [threading.Thread(target=side_writer, args=(t, h), daemon=True)
-               for t, h in zip(targets[1:], handoffs)]
-    for thread in threads:
-        thread.start()
-
-    def first_planes():
-        try:
-            for row in rows:
-                for handoff, plane in zip(handoffs, row[1:]):
-                    handoff.put(plane)
-                yield row[0]
-        finally:
-            for handoff in handoffs:
-                handoff.put(_END)
-
+    writers = [_StreamWriter(_TiffTarget(*target)) for target in targets]
     try:
-        written = [_write_target(targets[0], first_planes())]
+        for row in rows:
+            for writer, plane in zip(writers, row):
+                writer.put(plane)
+        for writer in writers:
+            writer.finish()
+        for writer in writers:
+            writer.target.commit()
     finally:
-        for thread in threads:
-            thread.join()
-    if errors:
-        raise errors[0]
-    return written + [Path(t[0]) for t in targets[1:]]
+        for writer in writers:
+            writer.abort()
+            writer.target.discard()
+    return [writer.target.path for writer in writers]
 
 
-def _write_target(target, planes) -> Path:
-    path, shape, dtype, axes, *compress = target
-    return write_tiff_stream(path, shape, dtype, axes, planes, *compress)
+_END, _ABORT = object(), object()
 
 
-def _until_end(handoff):
-    while (item := handoff.get()) is not _END:
-        yield item
+class _StreamWriter:
+    """A thread that writes one :class:`_TiffTarget` from planes handed to it."""
+
+    def __init__(self, target: _TiffTarget):
+        import queue
+        import threading
+
+        self.target = target
+        self.handoff: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"write {target.path.name}")
+        self.thread.start()
+
+    def put(self, plane) -> None:
+        """Hand one plane over; raises the writer's error if it has failed."""
+        import queue
+
+        while True:
+            self._raise_if_failed()
+            try:
+                self.handoff.put(plane, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> None:
+        """Signal the end and wait until the file is written; raise the writer's error."""
+        self.put(_END)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def abort(self) -> None:
+        """Stop the writer (it discards its file); returns once the thread has ended."""
+        import queue
+
+        while self.thread.is_alive():
+            try:
+                self.handoff.put(_ABORT, timeout=0.05)
+            except queue.Full:
+                try:   # make room: the writer may be busy, or already gone
+                    self.handoff.get_nowait()
+                except queue.Empty:
+                    pass
+            self.thread.join(timeout=0.05)
+
+    def _raise_if_failed(self):
+        if self.error is not None:
+            raise self.error
+        if not self.thread.is_alive():
+            raise RuntimeError(f"writer of {self.target.path} ended early")
+
+    def _run(self):
+        try:
+            planes = self._planes()
+            self.target.write(planes)
+            # tifffile stops pulling once the stack is full: wait for the producer's end too
+            for _ in planes:
+                raise ValueError(f"{self.target.path}: more planes than its shape {self.target.shape} holds")
+        except BaseException as error:  # handed to the producer's thread
+            self.error = error
+        finally:
+            self._drain()
+
+    def _planes(self):
+        while (item := self.handoff.get()) is not _END:
+            if item is _ABORT:
+                raise IncompleteWrite("stopped; nothing was written")
+            yield item
+
+    def _drain(self):
+        import queue
+
+        while True:
+            try:
+                self.handoff.get_nowait()
+            except queue.Empty:
+                return

@@ -61,9 +61,28 @@ class Normalization:
         if self.mode == "none":
             return np.zeros((channels, 1, 1), np.float32), np.ones((channels, 1, 1), np.float32)
         step = max(1, math.ceil(math.sqrt(plane.shape[1] * plane.shape[2] / _SAMPLE_PIXELS)))
-        sample = np.asarray(plane[:, ::step, ::step], dtype=np.float64).reshape(channels, -1)
-        low, high = np.percentile(sample, [self.low, self.high], axis=1)
+        sample = np.asarray(plane[:, ::step, ::step]).reshape(channels, -1)
+        low, high = np.stack([_percentiles(values, (self.low, self.high)) for values in sample], 1)
         spread = high - low
         # A constant channel keeps its values rather than being divided by zero.
         scale = np.where(spread > 0, 1.0 / np.where(spread > 0, spread, 1.0), 1.0)
         return (low.reshape(-1, 1, 1).astype(np.float32), scale.reshape(-1, 1, 1).astype(np.float32))
+
+
+def _percentiles(values: np.ndarray, percents) -> np.ndarray:
+    """``np.percentile(values, percents)`` (linear interpolation), from a histogram for 8- and
+    16-bit integers: the same numbers, without sorting a million pixels per plane."""
+    if values.dtype.kind in "ui" and values.dtype.itemsize <= 2:
+        low = int(values.min())
+        counts = np.cumsum(np.bincount((values.astype(np.int32) - low).ravel()))
+        position = np.asarray(percents, np.float64) / 100.0 * (values.size - 1)
+        below = np.floor(position).astype(np.int64)
+        above = np.minimum(below + 1, values.size - 1)
+        # the k-th smallest value (0-based) is the first bin whose cumulative count exceeds k
+        lower = np.searchsorted(counts, below, side="right") + low
+        upper = np.searchsorted(counts, above, side="right") + low
+        fraction = position - below
+        # numpy's lerp: from the nearer end, so the two agree to the last bit or two
+        return np.where(fraction >= 0.5, upper - (upper - lower) * (1 - fraction),
+                        lower + (upper - lower) * fraction)
+    return np.percentile(values.astype(np.float64), percents)

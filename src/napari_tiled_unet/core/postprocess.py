@@ -1,4 +1,12 @@
-"""Foreground probability -> instance labels (threshold, connected components per plane)."""
+"""Network outputs -> instance labels, plane by plane.
+
+Two decoders, one per output mode (:mod:`.targets`):
+
+- "paper" (2 classes): foreground probability above a threshold, 8-connected components.
+- "boundary" (3 classes): interiors above a threshold are the seeds; scikit-image's watershed
+  grows them over the foreground (interior + boundary probability above 0.5), so touching
+  objects that share a boundary band become separate objects.
+"""
 
 from __future__ import annotations
 
@@ -29,15 +37,83 @@ def label_plane(probability: np.ndarray, threshold: float = 0.5, min_size: int =
     """
     from scipy import ndimage
 
-    labels, count = ndimage.label(probability > threshold, structure=np.ones((3, 3), bool))
-    if min_size > 1 and count:
-        sizes = np.bincount(labels.ravel(), minlength=count + 1)
-        keep = sizes >= min_size
-        keep[0] = False
-        relabel = np.zeros(count + 1, np.uint32)
-        relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
-        labels = relabel[labels]
-    return labels.astype(np.uint32, copy=False)
+    foreground = probability > threshold
+    labels = np.empty(foreground.shape, np.uint32)
+    count = ndimage.label(foreground, structure=np.ones((3, 3), bool), output=labels)
+    return _without_small(labels, count, min_size, foreground)
+
+
+FOREGROUND_LEVEL = 0.5
+
+
+def label_boundary_plane(classes: np.ndarray, threshold: float = 0.5, min_size: int = 0) -> np.ndarray:
+    """Instance labels of one plane of a 3-class (background / interior / boundary) output.
+
+    Seeds are 8-connected components of ``interior > threshold``; the watershed of the inverted
+    interior probability grows them over the pixels whose foreground probability
+    (interior + boundary) exceeds 0.5. Objects smaller than ``min_size`` pixels are removed and
+    ids are 1..N in raster order of the seeds.
+
+    Parameters
+    ----------
+    classes : numpy.ndarray, shape (3, Y, X)
+        Class probabilities (softmax).
+    threshold : float
+    min_size : int
+
+    Returns
+    -------
+    numpy.ndarray, shape (Y, X), uint32
+    """
+    from scipy import ndimage
+    from skimage.segmentation import watershed
+
+    classes = np.asarray(classes)
+    if classes.ndim != 3 or classes.shape[0] != 3:
+        raise ValueError(f"classes: expected shape (3, Y, X), got {classes.shape}")
+    interior = classes[1].astype(np.float32, copy=False)
+    foreground = (1.0 - classes[0]) > FOREGROUND_LEVEL
+    seeds, count = ndimage.label((interior > threshold) & foreground, structure=np.ones((3, 3), bool))
+    if count == 0:
+        return np.zeros(interior.shape, np.uint32)
+    labels = watershed(-interior, seeds, mask=foreground).astype(np.uint32, copy=False)
+    return _without_small(labels, count, min_size, labels > 0)
+
+
+def decode_plane(maps: np.ndarray, threshold: float = 0.5, min_size: int = 0) -> np.ndarray:
+    """Instance labels of one plane, by the decoder that fits the maps given.
+
+    Parameters
+    ----------
+    maps : numpy.ndarray
+        Shape (Y, X): foreground probability (paper mode, :func:`label_plane`).
+        Shape (3, Y, X): class probabilities (boundary mode, :func:`label_boundary_plane`).
+
+    Returns
+    -------
+    numpy.ndarray, shape (Y, X), uint32
+    """
+    maps = np.asarray(maps)
+    if maps.ndim == 2:
+        return label_plane(maps, threshold, min_size)
+    return label_boundary_plane(maps, threshold, min_size)
+
+
+def _without_small(labels: np.ndarray, count: int, min_size: int, foreground: np.ndarray) -> np.ndarray:
+    """Remove objects under ``min_size`` px from uint32 ``labels`` (in place) and renumber the
+    rest 1..N in order; only foreground pixels are touched (a fraction of a plane)."""
+    if min_size <= 1 or not count:
+        return labels
+    ids = labels[foreground]
+    sizes = np.bincount(ids, minlength=count + 1)
+    keep = sizes >= min_size
+    keep[0] = False
+    if keep[1:].all():
+        return labels
+    relabel = np.zeros(count + 1, np.uint32)
+    relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
+    labels[foreground] = relabel[ids]
+    return labels
 
 
 def instance_labels(probability: np.ndarray, threshold: float = 0.5, min_size: int = 0) -> np.ndarray:
@@ -85,8 +161,9 @@ def choose_postprocess(probabilities, truths, thresholds=THRESHOLDS, min_sizes=M
 
     Parameters
     ----------
-    probabilities : sequence of numpy.ndarray, each shape (Y, X)
-        Foreground probability of each plane.
+    probabilities : sequence of numpy.ndarray, each shape (Y, X) or (3, Y, X)
+        Foreground probability (paper mode) or class probabilities (boundary mode) of each
+        plane (see :func:`decode_plane`).
     truths : sequence of numpy.ndarray, each shape (Y, X)
         Instance labels of each plane (0 = background).
     thresholds, min_sizes : sequences
@@ -104,7 +181,7 @@ def choose_postprocess(probabilities, truths, thresholds=THRESHOLDS, min_sizes=M
     for threshold in thresholds:
         for min_size in min_sizes:
             check_postprocess_options(threshold, min_size)
-            scores = [match_objects(label_plane(p, threshold, min_size), t, 0.5).ap
+            scores = [match_objects(decode_plane(p, threshold, min_size), t, 0.5).ap
                       for p, t in zip(probabilities, truths)]
             score = float(np.mean(scores))
             if best is None or score > best["ap50"]:

@@ -22,6 +22,7 @@ from .augment import Augmentation
 from .model import UNet, UNetConfig
 from .normalize import Normalization
 from .tiling import mirror_indices
+from .targets import output_mode
 from .weights import border_weight_map, separate_touching
 
 OPTIMIZERS = ("adam", "sgd")
@@ -109,7 +110,7 @@ class TrainingPlane:
 
     source: tuple         # (sample index, leading index of the plane in its stack)
     image: np.ndarray     # (C, Y, X) float32, normalised
-    target: np.ndarray    # (Y, X) int64: 0 background, 1 foreground (gaps made)
+    ids: np.ndarray       # (Y, X) int64 instance ids (paper mode: touching objects gapped)
     weights: np.ndarray   # (Y, X) float32, 0 = ignored
     truth: np.ndarray     # (Y, X) instance ids inside the region, for validation
     foreground: np.ndarray  # (K, 2) coordinates of foreground pixels
@@ -165,6 +166,15 @@ class _Session:
     should_stop: Callable[[], bool]
     resumed: dict | None = None
 
+    @property
+    def diameter(self) -> float:
+        """Median equivalent diameter (px) of the training objects: the model's object size.
+        A fine-tuned model keeps its parent's, which its weights were tuned to."""
+        previous = dict(getattr(self.model, "metadata", {}) or {})
+        if previous.get("diameter"):
+            return float(previous["diameter"])
+        return median_diameter([p.truth for p in self.train_planes])
+
     @classmethod
     def prepared(cls, samples, output, config, model_config, init, resume, should_stop):
         import torch
@@ -178,7 +188,7 @@ class _Session:
         _check_patch(model, config.patch)
         if not output.parent.is_dir():
             raise ValueError(f"output: folder {output.parent} does not exist")
-        planes = annotated_planes(samples, config, model)
+        planes = annotated_planes(samples, config, model)  # also checks the output mode
         if not planes:
             raise ValueError("labels: no annotated plane (every plane is empty or outside its region)")
         train_planes, val_planes = _split(_group(planes), config)
@@ -226,12 +236,14 @@ class _Session:
 
         from .augment import augment
         from .loss import weighted_cross_entropy
+        from .targets import class_target
 
-        image, target, weights = _batch(self.train_planes, self.config, rng)
-        image, target, weights = augment(
-            torch.from_numpy(image).to(device), torch.from_numpy(target).to(device),
+        image, ids, weights = _batch(self.train_planes, self.config, rng)
+        image, ids, weights = augment(
+            torch.from_numpy(image).to(device), torch.from_numpy(ids).to(device),
             torch.from_numpy(weights).to(device), self.config.augmentation, generator,
         )
+        target = class_target(ids, model.config.n_classes)
         crop = model.margin // 2
         inner = (slice(None), slice(crop, target.shape[-2] - crop), slice(crop, target.shape[-1] - crop))
         loss = weighted_cross_entropy(model(image), target[inner], weights[inner])
@@ -242,15 +254,16 @@ class _Session:
 
     def _validate(self, model, device) -> dict:
         from .metrics import match_objects, pixel_iou
-        from .postprocess import label_plane
+        from .postprocess import decode_plane
         from .predict import predict_array
 
         model.eval()
         ious, scores = [], []
+        output = "foreground" if output_mode(model.config.n_classes) == "paper" else "classes"
         for plane in self.val_planes:
-            probability = predict_array(model, plane.image, channel_axis=0, device=str(device),
-                                        normalization=Normalization("none"))
-            predicted = label_plane(probability) * (plane.weights > 0)
+            maps = predict_array(model, plane.image, channel_axis=0, device=str(device),
+                                 normalization=Normalization("none"), output=output)
+            predicted = decode_plane(maps) * (plane.weights > 0)
             ious.append(pixel_iou(predicted, plane.truth))
             scores.append(match_objects(predicted, plane.truth))
         model.train()
@@ -271,6 +284,7 @@ class _Session:
             "loss": {"w0": self.config.w0, "sigma": self.config.sigma,
                      "weights": self.config.weights},
             "training_planes": len(self.train_planes),
+            "diameter": self.diameter,
             "validation_planes": len(self.val_planes),
             # samples never trained on (none when a lone image validates on itself)
             "validation_samples": sorted({int(p.source[0]) for p in self.val_planes}
@@ -366,12 +380,13 @@ def annotated_planes(samples: Sequence[Sample], config: TrainConfig, model: UNet
     -------
     list of TrainingPlane
     """
+    mode = output_mode(model.config.n_classes)
     planes = []
     for index, sample in enumerate(samples):
         image, labels, region = _checked_sample(sample, index, model)
         for lead in np.ndindex(*labels.shape[:-2]):
             plane = _prepared_plane(image[lead], labels[lead],
-                                    None if region is None else region[lead], config)
+                                    None if region is None else region[lead], config, mode)
             if plane is not None:
                 plane.source = (index, lead)
                 planes.append(plane)
@@ -406,7 +421,7 @@ def _checked_sample(sample: Sample, index: int, model: UNet):
     return image, labels, region
 
 
-def _prepared_plane(image, labels, region, config: TrainConfig):
+def _prepared_plane(image, labels, region, config: TrainConfig, mode: str):
     ignored = np.zeros(labels.shape, bool) if config.ignore_label is None else labels == config.ignore_label
     ids = np.where(ignored, 0, labels)
     valid = ~ignored if region is None else (region & ~ignored)
@@ -420,7 +435,8 @@ def _prepared_plane(image, labels, region, config: TrainConfig):
     return TrainingPlane(
         source=(),
         image=((image.astype(np.float32) - offset) * scale).astype(np.float32),
-        target=(separated > 0).astype(np.int64),
+        # Boundary mode derives its classes from the ungapped ids after augmentation.
+        ids=(separated if mode == "paper" else ids).astype(np.int64),
         weights=weights.astype(np.float32),
         truth=np.where(valid, ids, 0),
         foreground=np.argwhere((separated > 0) & valid),
@@ -454,26 +470,59 @@ def _split(groups: dict, config: TrainConfig):
 
 
 def _batch(planes, config: TrainConfig, rng):
+    """A batch of patches (images, ids, weights), each cut at a random zoom."""
+    patches = [_patch(planes[rng.integers(len(planes))], config, rng) for _ in range(config.batch)]
+    images, ids, weights = zip(*patches)
+    return np.stack(images), np.stack(ids), np.stack(weights).astype(np.float32)
+
+
+def _patch(plane: TrainingPlane, config: TrainConfig, rng):
     size = config.patch
-    images, targets, weights = [], [], []
-    for _ in range(config.batch):
-        plane = planes[rng.integers(len(planes))]
-        cy, cx = _patch_centre(plane, rng, config.foreground_bias)
-        rows, row_inside = _window(cy - size // 2, size, plane.target.shape[0])
-        cols, col_inside = _window(cx - size // 2, size, plane.target.shape[1])
-        images.append(plane.image[:, rows[:, None], cols[None, :]])
-        targets.append(plane.target[rows[:, None], cols[None, :]])
-        # Mirrored context is input only: no loss on pixels outside the image.
-        weights.append(plane.weights[rows[:, None], cols[None, :]]
-                       * (row_inside[:, None] & col_inside[None, :]))
-    return np.stack(images), np.stack(targets), np.stack(weights).astype(np.float32)
+    low, high = config.augmentation.zoom
+    zoom = math.exp(rng.uniform(math.log(low), math.log(high))) if high > low else low
+    window = max(2, round(size / zoom))
+    cy, cx = _patch_centre(plane, rng, config.foreground_bias)
+    rows, row_inside = _window(cy - window // 2, window, plane.ids.shape[0])
+    cols, col_inside = _window(cx - window // 2, window, plane.ids.shape[1])
+    image = plane.image[:, rows[:, None], cols[None, :]]
+    ids = plane.ids[rows[:, None], cols[None, :]]
+    # Mirrored context is input only: no loss on pixels outside the image.
+    weights = plane.weights[rows[:, None], cols[None, :]] * (row_inside[:, None] & col_inside[None, :])
+    if window != size:
+        image, ids, weights = _resized(image, ids, weights, size)
+    return image, ids, weights
+
+
+def _resized(image, ids, weights, size: int):
+    """Resample a (C, w, w) window and its (w, w) ids and weights to ``size`` pixels a side:
+    the image linearly, ids and weights by nearest neighbour (ids stay ids)."""
+    from scipy import ndimage
+
+    factor = size / image.shape[-1]
+    image = np.stack([ndimage.zoom(channel, factor, order=1, grid_mode=True, mode="grid-mirror")
+                      for channel in image])
+    nearest = {"order": 0, "grid_mode": True, "mode": "grid-mirror"}
+    ids = ndimage.zoom(ids, factor, **nearest)
+    weights = ndimage.zoom(weights, factor, **nearest)
+    return image[:, :size, :size], ids[:size, :size], weights[:size, :size]
 
 
 def _patch_centre(plane: TrainingPlane, rng, foreground_bias: float):
     # Foreground-centred patches outnumber random ones foreground_bias : 1 (Fiji plugin: 1 : 0.1).
     if len(plane.foreground) and rng.random() < foreground_bias / (foreground_bias + 1):
         return plane.foreground[rng.integers(len(plane.foreground))]
-    return rng.integers(plane.target.shape[0]), rng.integers(plane.target.shape[1])
+    return rng.integers(plane.ids.shape[0]), rng.integers(plane.ids.shape[1])
+
+
+def median_diameter(label_planes) -> float:
+    """Median equivalent diameter ``sqrt(4 area / pi)`` in pixels of the objects in
+    ``label_planes`` (each shape (Y, X), 0 = background); 0.0 when there are none."""
+    areas = []
+    for labels in label_planes:
+        _, counts = np.unique(labels[labels > 0], return_counts=True)
+        areas.append(counts)
+    areas = np.concatenate(areas) if areas else np.zeros(0)
+    return float(np.sqrt(4 * np.median(areas) / np.pi)) if areas.size else 0.0
 
 
 def _window(start, size, length):

@@ -1,0 +1,218 @@
+"""Streaming segmentation: the engine's probabilities -> instance labels, plane by plane.
+
+The one loop that the command line and the Segment widget both drain. The engine
+(:func:`~.predict.predict`) writes into a buffer that holds only the planes still being
+written; each completed plane is labelled in a background thread (scipy's labelling and
+scikit-image's watershed release the GIL), overlapped with the prediction of the next planes,
+and handed to the caller in plane order.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .normalize import Normalization
+from .postprocess import decode_plane, postprocess_options
+
+
+@dataclass(frozen=True)
+class PlaneResult:
+    """One segmented plane.
+
+    Attributes
+    ----------
+    index : int
+        Plane number in C order over the leading axes.
+    lead : tuple of int
+        Leading index of the plane (channel axis excluded).
+    labels : numpy.ndarray of uint32, shape (Y, X)
+        Instance ids 1..count (0 = background); they restart in each plane.
+    probability : numpy.ndarray of float32, shape (Y, X)
+        Foreground probability.
+    count : int
+    """
+
+    index: int
+    lead: tuple[int, ...]
+    labels: np.ndarray
+    probability: np.ndarray
+    count: int
+
+
+@dataclass(frozen=True)
+class SegmentEvent:
+    """Progress of :func:`segment`.
+
+    Attributes
+    ----------
+    done, total : int
+        Tiles predicted and planned.
+    planes_done, planes_total : int
+        Planes labelled (handed out so far) and planes in all.
+    tile_shape : (int, int)
+        Input tile size in use.
+    planes : tuple of PlaneResult
+        Planes labelled since the previous event, in plane order.
+    stopped : bool
+        True on the last event when ``should_stop`` ended the run early.
+    """
+
+    done: int
+    total: int
+    planes_done: int
+    planes_total: int
+    tile_shape: tuple[int, int]
+    planes: tuple[PlaneResult, ...] = ()
+    stopped: bool = False
+
+
+def segment(
+    model,
+    image,
+    *,
+    channel_axis: int | None = None,
+    threshold: float | None = None,
+    min_size: int | None = None,
+    tile: int | str | tuple[int, int] = "auto",
+    batch: int | str = "auto",
+    device: str = "auto",
+    precision: str = "auto",
+    normalization: Normalization | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    workers: int = 2,
+) -> Iterator[SegmentEvent]:
+    """Segment ``image`` plane by plane into instance labels; returns a generator of events.
+
+    Arguments are checked when this function is called, before any work.
+
+    Parameters
+    ----------
+    model : UNet
+        A 2-class (paper) or 3-class (boundary) model (:mod:`.targets`).
+    image : array-like, shape (..., Y, X)
+        As for :func:`~.predict.predict`.
+    threshold, min_size : optional
+        Post-processing; default: the model's recommendation, else 0.5 and 0.
+    tile, batch, device, precision, normalization, channel_axis
+        Passed to :func:`~.predict.predict`.
+    should_stop : callable, optional
+        Polled before each tile batch; a stop yields a last event with ``stopped=True``.
+    workers : int
+        Threads that label completed planes.
+
+    Returns
+    -------
+    generator of SegmentEvent
+    """
+    from .predict import check_image, leading_shape, predict
+
+    threshold, min_size = postprocess_options(getattr(model, "metadata", None), threshold, min_size)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers: expected a positive integer, got {workers!r}")
+    check_image(image)
+    boundary = model.config.n_classes == 3
+    leading = leading_shape(tuple(image.shape), channel_axis)
+    sink = PlaneBuffer(leading, tuple(image.shape[-2:]), channels=3 if boundary else None)
+    events = predict(model, image, sink, channel_axis=channel_axis,
+                     output="classes" if boundary else "foreground", tile=tile, batch=batch,
+                     device=device, precision=precision, normalization=normalization,
+                     should_stop=should_stop)
+    labeller = _Labeller(sink, leading, threshold, min_size, workers)
+    return labeller.drain(events)
+
+
+class _Labeller:
+    """Labels completed planes in a thread pool and hands them out in order."""
+
+    def __init__(self, sink, leading, threshold, min_size, workers):
+        self.sink, self.threshold, self.min_size = sink, threshold, min_size
+        self.leads = list(np.ndindex(*leading))
+        self.workers = workers
+
+    def drain(self, events) -> Iterator[SegmentEvent]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        queued: deque = deque()
+        submitted = handed = 0
+        last = None
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="labeller") as pool:
+            try:
+                for last in events:
+                    if last.stopped:
+                        break
+                    while submitted < last.planes_done:
+                        maps = self.sink.pop(submitted)
+                        queued.append(pool.submit(self._label, submitted, maps))
+                        submitted += 1
+                    # Bound the planes held: wait for the oldest when the pool is saturated.
+                    ready = self._ready(queued, block=len(queued) > self.workers + 1)
+                    handed += len(ready)
+                    yield self._event(last, handed, ready)
+                if last is not None and last.stopped:
+                    for future in queued:
+                        future.cancel()
+                    yield self._event(last, handed, (), stopped=True)
+                    return
+                ready = tuple(future.result() for future in queued)
+                queued.clear()
+                if ready or last is None:
+                    handed += len(ready)
+                    yield self._event(last, handed, ready)
+            finally:
+                for future in queued:
+                    future.cancel()
+
+    def _ready(self, queued: deque, block: bool) -> tuple[PlaneResult, ...]:
+        ready = []
+        while queued and (queued[0].done() or block):
+            ready.append(queued.popleft().result())
+            block = False
+        return tuple(ready)
+
+    def _label(self, index: int, maps: np.ndarray) -> PlaneResult:
+        labels = decode_plane(maps, self.threshold, self.min_size)
+        probability = maps if maps.ndim == 2 else (1.0 - maps[0]).astype(np.float32)
+        return PlaneResult(index, self.leads[index], labels, probability, int(labels.max()))
+
+    def _event(self, last, handed, ready, stopped=False) -> SegmentEvent:
+        if last is None:   # an empty stack cannot happen (predict rejects it); keep types right
+            return SegmentEvent(0, 0, handed, len(self.leads), (0, 0), tuple(ready), stopped)
+        return SegmentEvent(last.done, last.total, handed, len(self.leads), last.tile_shape,
+                            tuple(ready), stopped)
+
+
+class PlaneBuffer:
+    """Array-like target for the engine that keeps only the planes still being written.
+
+    Parameters
+    ----------
+    leading : tuple of int
+        Shape of the leading (plane) axes.
+    plane_shape : (int, int)
+    channels : int, optional
+        Class maps per plane (engine ``output="classes"``); None for one foreground map.
+    """
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, leading, plane_shape, channels: int | None = None):
+        self.leading = tuple(leading)
+        self.plane_shape = (() if channels is None else (channels,)) + tuple(plane_shape)
+        self.shape = self.leading + self.plane_shape
+        self.planes: dict[int, np.ndarray] = {}
+
+    def __setitem__(self, key, value):
+        lead = key[: len(self.leading)]
+        index = int(np.ravel_multi_index(lead, self.leading)) if self.leading else 0
+        plane = self.planes.get(index)
+        if plane is None:
+            plane = self.planes[index] = np.empty(self.plane_shape, np.float32)
+        plane[key[len(self.leading):]] = value
+
+    def pop(self, index: int) -> np.ndarray:
+        """The completed plane ``index`` (C order), released from the buffer."""
+        return self.planes.pop(index)

@@ -1,3 +1,5 @@
+import re
+from pathlib import Path
 import subprocess
 import sys
 
@@ -67,7 +69,7 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, model_file, stack
 def test_input_is_never_overwritten(model_file, stack_file, capsys):
     before = stack_file.read_bytes()
     assert segment(stack_file, "-o", stack_file, "--model", model_file, "--overwrite") == 2
-    assert "must differ from the input" in capsys.readouterr().err
+    assert "is one of this run's inputs" in capsys.readouterr().err
     assert stack_file.read_bytes() == before
 
 
@@ -179,3 +181,72 @@ def test_tune_stores_the_best_threshold_and_size_in_the_model(tmp_path, rng):
             for t in THRESHOLDS for s in MIN_SIZES}
     assert chosen["ap50"] == pytest.approx(max(grid.values()), abs=1e-12)
     assert grid[(chosen["threshold"], chosen["min_size"])] == pytest.approx(chosen["ap50"], abs=1e-12)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("folder", "--output: .* is a folder; expected a file name"),
+    ("png", "--output: expected a file name ending in .tif or .tiff, got .*x.png"),
+    ("model", "--output: .* is one of this run's inputs"),
+    ("hard link", "--output: .* is one of this run's inputs"),
+    ("read-only", "--output: folder .* is not writable"),
+])
+def test_segment_refuses_bad_outputs_before_any_work(case, match, tmp_path, model_file, capsys,
+                                                     monkeypatch):
+    import os
+
+    from napari_tiled_unet.core import segment as segment_module
+
+    image = tmp_path / "in.tif"
+    tifffile.imwrite(image, np.zeros((40, 40), np.uint8))
+    output = {
+        "folder": tmp_path / "out.tif",
+        "png": tmp_path / "x.png",
+        "model": tmp_path / "model.tif",
+        "hard link": tmp_path / "link.tif",
+        "read-only": tmp_path / "ro" / "labels.tif",
+    }[case]
+    model = model_file
+    if case == "folder":
+        output.mkdir()
+    if case == "model":
+        model = output
+        output.write_bytes(model_file.read_bytes())
+    if case == "hard link":
+        os.link(image, output)
+    if case == "read-only":
+        output.parent.mkdir()
+        monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != output.parent)
+    monkeypatch.setattr(segment_module, "segment", lambda *a, **k: pytest.fail("work started"))
+    args = ["segment", str(image), "-o", str(output), "--model", str(model), "--overwrite"]
+    assert cli.main(args) == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_train_never_replaces_one_of_its_inputs(tmp_path, capsys):
+    image, labels = tmp_path / "img0.tif", tmp_path / "lab0.tif"
+    tifffile.imwrite(image, np.zeros((40, 40), np.uint8))
+    tifffile.imwrite(labels, np.ones((40, 40), np.uint16))
+    before = image.read_bytes()
+    code = cli.main(["train", "--images", str(image), "--labels", str(labels), "-o", str(image),
+                     "--overwrite", "--iterations", "1"])
+    assert code == 2 and "is one of this run's inputs" in capsys.readouterr().err
+    assert image.read_bytes() == before
+
+
+def test_a_folder_as_input_says_so(tmp_path, capsys):
+    assert cli.main(["segment", str(tmp_path), "-o", str(tmp_path / "l.tif")]) == 2
+    assert "is a folder; expected a TIFF file" in capsys.readouterr().err
+
+
+def test_version_and_a_torch_free_info(model_file, capsys):
+    import subprocess
+    import sys
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("tiled-unet ")
+    code = ("import sys; from napari_tiled_unet.cli import main; main(['info', sys.argv[1]]); "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(model_file)], capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip().endswith("False") and "parameters" in result.stdout

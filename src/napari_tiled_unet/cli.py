@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="tiled-unet",
         description="U-Net segmentation of microscopy images with exact overlap-tile inference.",
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command")
     segment = commands.add_parser(
         "segment", help="segment a TIFF image or stack into instance labels",
@@ -104,24 +107,46 @@ def _segment(args) -> int:
             write_tiff_streams(targets, rows)
     except (IncompleteWrite, KeyboardInterrupt):
         print("tiled-unet segment: stopped; no output was written", file=sys.stderr)
-        return 130
+        return stop.exit_code
     print(f"{args.output}: {sum(counts)} objects in {len(counts)} plane(s)"
           f"{' (ids restart at 1 in each plane)' if len(counts) > 1 else ''}")
     return 0
 
 
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+
 def _checked_outputs(args) -> list[Path]:
     outputs = [args.output] + ([args.probabilities] if args.probabilities else [])
+    inputs = [args.input, _model_path(args.model)]
     for option, path in zip(("--output", "--probabilities"), outputs):
-        if path.exists() and path.resolve() == args.input.resolve():
-            raise UsageError(f"{option}: must differ from the input file, got {path}")
-        if path.exists() and not args.overwrite:
-            raise UsageError(f"{option}: {path} exists; pass --overwrite to replace it")
-        if not path.parent.is_dir():
-            raise UsageError(f"{option}: folder {path.parent} does not exist")
+        check_output_path(option, path, inputs, args.overwrite, TIFF_SUFFIXES)
     if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
         raise UsageError("--probabilities: must differ from --output")
     return outputs
+
+
+def check_output_path(option: str, path: Path, inputs, overwrite: bool, suffixes=None) -> None:
+    """Refuse, before any work, an output that cannot be written or must not be: a folder, a
+    wrong file type, one of the run's inputs (links and hard links resolved), an existing file
+    without ``--overwrite``, a missing or read-only folder."""
+    import os
+
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise UsageError(f"{option}: expected a file name ending in {' or '.join(suffixes)}, got {path}")
+    if path.is_dir():
+        raise UsageError(f"{option}: {path} is a folder; expected a file name")
+    for source in inputs:
+        if source is not None and path.exists() and Path(source).exists() and os.path.samefile(path, source):
+            raise UsageError(f"{option}: {path} is one of this run's inputs ({source}); "
+                             f"choose another output")
+    if path.exists() and not overwrite:
+        raise UsageError(f"{option}: {path} exists; pass --overwrite to replace it")
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(f"{option}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{option}: folder {folder} is not writable")
 
 
 def _model_path(path: Path | None) -> Path:
@@ -198,8 +223,14 @@ class _StopFlag:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
-    def _request(self, *_):
+    def _request(self, signum, *_):
         self.requested = True
+        self.signal = signum
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for death by the signal received: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + int(getattr(self, "signal", signal.SIGINT))
 
 
 def _add_train_parser(commands):
@@ -260,8 +291,9 @@ def _train(args) -> int:
     from .core.targets import n_classes_of
     from .core.train import TrainConfig, train
 
-    if args.output.exists() and not (args.overwrite or args.resume):
-        raise UsageError(f"--output: {args.output} exists; pass --overwrite to replace it")
+    check_output_path("--output", args.output,
+                      [*args.images, *args.labels, *(args.regions or []), args.init],
+                      args.overwrite or args.resume)
     if args.resume and args.init:
         raise UsageError("--resume: continues the run writing --output; do not combine with --init")
     samples = _training_samples(args)
@@ -392,18 +424,20 @@ def _tune(args) -> int:
 
 
 def _info(args) -> int:
-    from .core.model import UNet, UNetConfig
-    from .core.modelfile import read_header
+    from .core.config import ConfigGeometry, UNetConfig
+    from .core.modelfile import read_header, tensor_shapes
 
-    header = read_header(args.model)
+    header = read_header(args.model)   # never imports torch: info answers at once
     config = UNetConfig.from_dict(header["config"])
-    model = UNet(config)
-    parameters = sum(p.numel() for p in model.parameters())
+    geometry = ConfigGeometry(config)
+    buffers = ("running_mean", "running_var", "num_batches_tracked")   # batch-norm state
+    parameters = sum(int(np.prod(shape)) for name, shape in tensor_shapes(args.model).items()
+                     if not name.endswith(buffers))
     print(f"model file:     {args.model} ({args.model.stat().st_size / 1e6:.1f} MB)")
     print(f"architecture:   U-Net depth {config.depth}, {config.base_channels} base channels, "
           f"{config.padding} padding, norm {config.norm}, {parameters:,} parameters")
     print(f"channels:       {config.in_channels} in, {config.n_classes} classes out")
-    print(f"margin:         {model.margin} px (smallest input tile {model.legal_input_size(1)} px)")
+    print(f"margin:         {geometry.margin} px (smallest input tile {geometry.legal_input_size(1)} px)")
     print(f"normalization:  {header['normalization']}")
     for key, value in header["metadata"].items():
         print(f"{key + ':':<15} {value}")

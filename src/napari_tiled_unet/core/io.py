@@ -64,6 +64,8 @@ def read_tiff(path, name: str = "input") -> LazyImage:
     import tifffile
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{name}: {path} is a folder; expected a TIFF file")
     if not path.is_file():
         raise FileNotFoundError(f"{name}: no such file: {path}")
     with open(path, "rb") as handle:

@@ -11,8 +11,13 @@ import json
 import os
 from pathlib import Path
 
-from .model import UNet, UNetConfig
+from typing import TYPE_CHECKING
+
+from .config import UNetConfig
 from .normalize import Normalization
+
+if TYPE_CHECKING:
+    from .model import UNet
 
 FORMAT = "napari-tiled-unet/1"
 
@@ -91,6 +96,15 @@ def read_header(path) -> dict:
     }
 
 
+def tensor_shapes(path) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor in a model file, read from its header (no weights, no
+    torch)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+
+
 def load_model(path) -> UNet:
     """Load a model file written by :func:`save_model`.
 
@@ -101,6 +115,8 @@ def load_model(path) -> UNet:
         ``metadata`` (dict) attributes.
     """
     from safetensors.torch import load_file
+
+    from .model import UNet
 
     header = read_header(path)
     model = UNet(UNetConfig.from_dict(header["config"]))

@@ -466,12 +466,16 @@ class _Runner:
         return pinned, done
 
     def _tile_input(self, source: _TileSource, raw, offset, scale):
-        """Mirror (gather), convert to float and normalise one raw tile, where ``raw`` lives."""
+        """Convert to float, mirror (gather) and normalise one raw tile, where ``raw`` lives.
+
+        The copy comes first: ``raw`` may be a view of the caller's image, and CUDA has no
+        gather kernels for unsigned 16- and 32-bit integers."""
+        tile = raw.to(self.torch.float32, copy=True)
         if source.rows is not None:
-            raw = raw.index_select(1, self._indices(source.rows, raw.device))
+            tile = tile.index_select(1, self._indices(source.rows, raw.device))
         if source.cols is not None:
-            raw = raw.index_select(2, self._indices(source.cols, raw.device))
-        return raw.to(self.torch.float32, copy=True).sub_(offset).mul_(scale)
+            tile = tile.index_select(2, self._indices(source.cols, raw.device))
+        return tile.sub_(offset).mul_(scale)
 
     def _indices(self, indices: np.ndarray, device):
         return self.torch.from_numpy(indices).to(device, non_blocking=True)

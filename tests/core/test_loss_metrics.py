@@ -64,3 +64,23 @@ def test_touching_pairs_and_how_many_a_prediction_splits():
     assert split_touching_pairs(truth * 10, truth) == (2, 2)
     missed = np.where(truth == 3, 0, truth)
     assert split_touching_pairs(missed, truth) == (1, 2)
+
+
+def test_matching_many_objects_uses_sparse_overlaps():
+    """12,000 objects a side: a dense IoU matrix would take 1.1 GB."""
+    import tracemalloc
+
+    from napari_tiled_unet.core.metrics import match_objects
+
+    truth = np.zeros((1200, 1000), np.int32)
+    ids = np.arange(1, 12001).reshape(120, 100)
+    truth[:] = np.kron(ids, np.ones((10, 10), np.int32))    # 12,000 squares of 100 px
+    predicted = np.roll(truth, 2, axis=1)                    # shifted: IoU 80/120 per pair
+    predicted[:, :2] = 0
+    tracemalloc.start()
+    scores = match_objects(predicted, truth, 0.5)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert (scores.tp, scores.fp, scores.fn) == (12000, 0, 0)
+    assert peak < 200e6
+    assert match_objects(predicted, truth, 0.7).tp == 0

@@ -69,3 +69,47 @@ def test_saved_model_has_the_usual_file_permissions(tmp_path):
     finally:
         os.umask(previous)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def _crafted(path, header, tensors=None):
+    from safetensors.numpy import save_file
+
+    save_file(tensors or {"x": np.zeros(1, np.float32)}, str(path), metadata=header)
+    return path
+
+
+def _header(**changes):
+    import json
+
+    header = {"format": "napari-tiled-unet/1",
+              "config": json.dumps({"depth": 4, "base_channels": 256}),
+              "normalization": json.dumps({"mode": "none"}), "metadata": "{}"}
+    header.update(changes)
+    return {k: v for k, v in header.items() if v is not None}
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({}, "do not match its config .* missing"),                       # a header claiming 2 GB
+    ({"config": None}, "has no 'config' entry"),
+    ({"config": "{not json"}, "'config' entry .* is not valid JSON"),
+    ({"config": "[" * 200000 + "]" * 200000}, "'config' entry .* is not valid JSON|must be an object"),
+    ({"config": '{"depth": "four"}'}, "describes no valid model .*depth"),
+    ({"config": '{"depth": 3, "colour": 1}'}, "describes no valid model .*unknown fields"),
+    ({"config": "[1, 2]"}, "'config' entry .* must be an object, got list"),
+    ({"normalization": '{"mode": "zscore"}'}, "describes no valid model .*normalization mode"),
+])
+def test_malformed_or_lying_headers_get_one_clear_error(changes, match, tmp_path):
+    path = _crafted(tmp_path / "bad.safetensors", _header(**changes))
+    with pytest.raises(ValueError, match=match):
+        load_model(path)
+
+
+def test_nan_weights_are_refused(tmp_path):
+    import torch
+
+    model = make_model(depth=2)
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")
+    save_model(model, tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match="NaN or infinite weights .*head.bias"):
+        load_model(tmp_path / "nan.safetensors")

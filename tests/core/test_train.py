@@ -245,3 +245,11 @@ def test_zoomed_patches_scale_objects_and_the_model_records_their_diameter(tmp_p
     list(train([Sample(image, labels)], output, config=quick(iterations=2, patch=92),
                model_config=TINY))
     assert load_model(output).metadata["diameter"] == pytest.approx(22.57, abs=0.01)
+
+
+def test_sparse_ids_near_two_to_the_32_train_like_small_ones():
+    image, labels = touching_blobs(3, size=64, pairs=2, singles=1)
+    sparse = np.where(labels > 0, labels.astype(np.uint32) + np.uint32(3_000_000_000), 0).astype(np.uint32)
+    small, = annotated_planes([Sample(image, labels)], quick(), make_model(depth=2))
+    large, = annotated_planes([Sample(image, sparse)], quick(), make_model(depth=2))
+    assert np.array_equal(small.ids, large.ids) and np.array_equal(small.weights, large.weights)

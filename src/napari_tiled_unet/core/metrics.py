@@ -47,9 +47,10 @@ def match_objects(predicted: np.ndarray, truth: np.ndarray, threshold: float = 0
     predicted, truth = np.asarray(predicted), np.asarray(truth)
     if predicted.shape != truth.shape:
         raise ValueError(f"predicted: expected shape {truth.shape}, got {predicted.shape}")
-    iou, n_pred, n_true = _iou_matrix(predicted, truth)
-    pairs = np.argwhere(iou >= threshold)
-    order = np.argsort(-iou[pairs[:, 0], pairs[:, 1]], kind="stable")
+    pairs, iou, n_pred, n_true = _overlapping_pairs(predicted, truth)
+    keep = iou >= threshold
+    pairs, iou = pairs[keep], iou[keep]
+    order = np.argsort(-iou, kind="stable")
     used_p, used_t, tp = set(), set(), 0
     for p, t in pairs[order]:
         if p not in used_p and t not in used_t:
@@ -59,21 +60,29 @@ def match_objects(predicted: np.ndarray, truth: np.ndarray, threshold: float = 0
     return ObjectScores(tp, n_pred - tp, n_true - tp)
 
 
-def _iou_matrix(predicted, truth):
-    """IoU between every predicted and every true object (ids compacted to 1..n)."""
-    _, p = np.unique(predicted, return_inverse=True)
-    _, t = np.unique(truth, return_inverse=True)
-    p, t = p.reshape(predicted.shape), t.reshape(truth.shape)
-    p_has_bg, t_has_bg = (predicted == 0).any(), (truth == 0).any()
-    p = p + (0 if p_has_bg else 1)  # index 0 is background
-    t = t + (0 if t_has_bg else 1)
-    n_p, n_t = int(p.max()), int(t.max())
-    overlap = np.bincount((p * (n_t + 1) + t).ravel(), minlength=(n_p + 1) * (n_t + 1))
-    overlap = overlap.reshape(n_p + 1, n_t + 1)[1:, 1:].astype(np.float64)
-    area_p = np.bincount(p.ravel(), minlength=n_p + 1)[1:]
-    area_t = np.bincount(t.ravel(), minlength=n_t + 1)[1:]
-    union = area_p[:, None] + area_t[None, :] - overlap
-    return np.divide(overlap, union, out=np.zeros_like(overlap), where=union > 0), n_p, n_t
+def _overlapping_pairs(predicted, truth):
+    """The (predicted, true) object pairs that overlap, with their IoU; ids compacted to 1..n.
+
+    Only overlapping pairs are listed, so memory grows with the pixels and the objects, not
+    with the product of the object counts (12,000 objects a side would need 1 GB as a matrix).
+
+    Returns
+    -------
+    pairs : numpy.ndarray of int64, shape (K, 2)
+    iou : numpy.ndarray of float64, shape (K,)
+    n_pred, n_true : int
+    """
+    p_ids, p = np.unique(predicted, return_inverse=True)
+    t_ids, t = np.unique(truth, return_inverse=True)
+    p, t = p.reshape(-1) + (p_ids[0] != 0), t.reshape(-1) + (t_ids[0] != 0)   # 0 = background
+    n_p, n_t = len(p_ids) - (p_ids[0] == 0), len(t_ids) - (t_ids[0] == 0)
+    both = (p > 0) & (t > 0)
+    keys, overlap = np.unique(p[both].astype(np.int64) * (n_t + 1) + t[both], return_counts=True)
+    pairs = np.stack([keys // (n_t + 1), keys % (n_t + 1)], axis=1)
+    area_p = np.bincount(p, minlength=n_p + 1)
+    area_t = np.bincount(t, minlength=n_t + 1)
+    union = area_p[pairs[:, 0]] + area_t[pairs[:, 1]] - overlap
+    return pairs, overlap / union, int(n_p), int(n_t)
 
 
 def touching_pairs(labels: np.ndarray) -> set[tuple[int, int]]:

@@ -88,12 +88,31 @@ def read_header(path) -> dict:
             f"model: expected a napari-tiled-unet model file (format {FORMAT!r}), got {path} "
             f"with format {header.get('format')!r}"
         )
-    return {
-        "format": header["format"],
-        "config": json.loads(header["config"]),
-        "normalization": json.loads(header["normalization"]),
-        "metadata": json.loads(header.get("metadata", "{}")),
-    }
+    return _parsed_header(header, path)
+
+
+def _parsed_header(header: dict, path) -> dict:
+    """Decode the JSON fields; any malformation is one clear ValueError."""
+    parsed = {"format": header["format"]}
+    for key, default in (("config", None), ("normalization", None), ("metadata", "{}")):
+        text = header.get(key, default)
+        if text is None:
+            raise ValueError(f"model: the header of {path} has no {key!r} entry")
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError) as error:
+            raise ValueError(f"model: the {key!r} entry in the header of {path} is not valid "
+                             f"JSON ({type(error).__name__})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"model: the {key!r} entry in the header of {path} must be an "
+                             f"object, got {type(value).__name__}")
+        parsed[key] = value
+    try:
+        UNetConfig.from_dict(parsed["config"])
+        Normalization.from_dict(parsed["normalization"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"model: the header of {path} describes no valid model ({error})") from None
+    return parsed
 
 
 def tensor_shapes(path) -> dict[str, tuple[int, ...]]:
@@ -103,6 +122,27 @@ def tensor_shapes(path) -> dict[str, tuple[int, ...]]:
 
     with safe_open(str(path), framework="numpy") as handle:
         return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+
+
+def check_weights_match(config: UNetConfig, shapes: dict, path) -> None:
+    """Raise ValueError unless the tensors named in a file's header are exactly those of a
+    network of ``config``, with the same shapes. Uses torch's meta device: no memory is
+    allocated, so a small header that claims a huge network costs nothing."""
+    import torch
+
+    from .model import UNet
+
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in UNet(config).state_dict().items()}
+    if expected != shapes:
+        missing = sorted(set(expected) - set(shapes))
+        extra = sorted(set(shapes) - set(expected))
+        wrong = sorted(n for n in set(expected) & set(shapes) if expected[n] != shapes[n])
+        raise ValueError(
+            f"model: the weights in {path} do not match its config ({len(missing)} missing, "
+            f"{len(extra)} unexpected, {len(wrong)} of another shape"
+            f"{', e.g. ' + (missing + extra + wrong)[0] if missing or extra or wrong else ''})"
+        )
 
 
 def load_model(path) -> UNet:
@@ -119,11 +159,18 @@ def load_model(path) -> UNet:
     from .model import UNet
 
     header = read_header(path)
-    model = UNet(UNetConfig.from_dict(header["config"]))
+    config = UNetConfig.from_dict(header["config"])
+    check_weights_match(config, tensor_shapes(path), path)   # before anything is allocated
+    model = UNet(config)
     try:
-        model.load_state_dict(load_file(str(path)), strict=True)
+        weights = load_file(str(path))
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as error:
         raise ValueError(f"model: weights in {path} do not match its config: {error}") from None
+    bad = [name for name, tensor in weights.items()
+           if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if bad:
+        raise ValueError(f"model: {path} holds NaN or infinite weights (in {', '.join(bad[:3])})")
     model.normalization = Normalization.from_dict(header["normalization"])
     model.metadata = header["metadata"]
     return model.eval()

@@ -320,13 +320,17 @@ class _Session:
 def _read_checkpoint(output: Path) -> dict:
     import torch
 
+    from .modelfile import check_weights_match
+
     path = checkpoint_path(output)
     if not path.is_file():
         raise ValueError(f"resume: no checkpoint {path} beside the output; start without resume")
     try:
         # weights_only: tensors, numbers, strings and containers only; never runs code.
         state = torch.load(path, map_location="cpu", weights_only=True)
-        model = UNet(UNetConfig.from_dict(state["config"]))
+        config = UNetConfig.from_dict(state["config"])
+        check_weights_match(config, {k: tuple(v.shape) for k, v in state["model"].items()}, path)
+        model = UNet(config)
         model.load_state_dict(state["model"])
     except Exception as error:
         raise ValueError(f"resume: {path} is not a readable training checkpoint ({error})") from None
@@ -422,8 +426,11 @@ def _checked_sample(sample: Sample, index: int, model: UNet):
 
 
 def _prepared_plane(image, labels, region, config: TrainConfig, mode: str):
+    from skimage.segmentation import relabel_sequential
+
     ignored = np.zeros(labels.shape, bool) if config.ignore_label is None else labels == config.ignore_label
-    ids = np.where(ignored, 0, labels)
+    # 1..N: sparse ids near 2**32 would otherwise size per-id tables by the largest id
+    ids = relabel_sequential(np.where(ignored, 0, labels).astype(np.int64))[0]
     valid = ~ignored if region is None else (region & ~ignored)
     if not valid.any() or (region is None and not ids.any()):
         return None

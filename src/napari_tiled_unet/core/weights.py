@@ -46,8 +46,8 @@ def separate_touching(labels: np.ndarray) -> np.ndarray:
                                       mode="constant", cval=above)
     conflict = (labels > 0) & ((largest != labels) | (smallest != labels))
     ids = np.unique(labels[labels > 0])
-    kept = np.bincount(labels[(labels > 0) & ~conflict].ravel(), minlength=int(labels.max()) + 1)
-    vanishing = ids[kept[ids] == 0]
+    # ids that keep no pixel; sets, not a table sized by the largest id (which may be ~2**32)
+    vanishing = np.setdiff1d(ids, np.unique(labels[(labels > 0) & ~conflict]))
     if vanishing.size:
         # Keep the small object whole; its neighbours' touching pixels are already in conflict.
         conflict &= ~np.isin(labels, vanishing)

@@ -83,4 +83,4 @@ def test_matching_many_objects_uses_sparse_overlaps():
     tracemalloc.stop()
     assert (scores.tp, scores.fp, scores.fn) == (12000, 0, 0)
     assert peak < 200e6
-    assert match_objects(predicted, truth, 0.7).tp == 0
+    assert match_objects(predicted, truth, 0.7).tp == 120   # only the edge column: 80 / 100

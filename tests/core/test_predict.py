@@ -151,3 +151,13 @@ def test_out_of_memory_retries_with_a_smaller_tile_and_stays_exact(rng, monkeypa
     assert max(seen[0]) > 120 and max(events[-1].tile_shape) <= 120
     assert events[-1].done == events[-1].total and events[-1].planes_done == 2
     assert np.abs(out - expected).max() <= 1e-5
+
+
+def test_a_tile_below_the_smallest_is_raised_with_a_warning(rng):
+    from napari_tiled_unet.core.predict import smallest_tile
+
+    model = make_model(depth=2)
+    image = rng.random((50, 50), dtype=np.float32)
+    with pytest.warns(UserWarning, match=f"tile: 10 px is below this model's smallest tile \\({smallest_tile(model)} px\\)"):
+        result = predict_array(model, image, tile=10)
+    assert np.abs(result - predict_array(model, image, tile=smallest_tile(model))).max() <= 1e-6

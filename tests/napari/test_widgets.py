@@ -240,7 +240,7 @@ def test_stop_mid_training_keeps_a_loadable_model(viewer, qtbot, tmp_path):
 def test_train_refuses_labels_of_another_shape(viewer, qtbot, tmp_path, errors):
     widget = train_widget(viewer, tmp_path, iterations=5)
     viewer.add_labels(np.zeros((50, 50), np.uint16), name="wrong")
-    widget._labels.value = viewer.layers["wrong"]
+    widget._labels_layer.value = viewer.layers["wrong"]
     widget.start()
     assert errors == ["labels: layer 'wrong' has shape (50, 50), expected the shape of image "
                       "'blobs' (96, 96)"]
@@ -250,7 +250,7 @@ def test_train_refuses_labels_of_another_shape(viewer, qtbot, tmp_path, errors):
 def test_train_without_annotations_is_reported(viewer, qtbot, tmp_path, errors):
     widget = train_widget(viewer, tmp_path, iterations=5)
     viewer.add_labels(np.zeros((96, 96), np.uint16), name="empty")
-    widget._labels.value = viewer.layers["empty"]
+    widget._labels_layer.value = viewer.layers["empty"]
     widget.start()
     qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
     assert errors == ["labels: no annotated plane (every plane is empty or outside its region)"]
@@ -277,3 +277,39 @@ def test_loading_the_widget_modules_does_not_import_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_train_widget_docked_before_any_labels_layer_shows_its_field_labels(viewer):
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Train (U-Net)")
+    assert widget.labels is True      # magicgui's own flag, no longer shadowed by a layer field
+    assert widget._labels_layer.label == "labels"
+
+
+def test_segment_results_are_at_least_uint16_for_painting_new_ids(viewer, model_file, qtbot):
+    image = touching_blobs(0, size=64, pairs=1, singles=1)[0]
+    viewer.add_image(image, name="few")
+    widget = segment_widget(viewer, model_file)
+    widget.start()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60000)
+    labels = viewer.layers["few labels"].data
+    assert labels.dtype == np.uint16 and int(labels.max()) <= 255
+
+
+def test_docking_the_widgets_and_opening_a_sample_leaves_torch_unimported():
+    code = (
+        "import sys, napari\n"
+        "viewer = napari.Viewer(show=False)\n"
+        f"viewer.window.add_plugin_dock_widget({PLUGIN!r}, 'Segment (U-Net)')\n"
+        f"viewer.window.add_plugin_dock_widget({PLUGIN!r}, 'Train (U-Net)')\n"
+        f"viewer.open_sample({PLUGIN!r}, 'nuclei_a')\n"
+        "print(sorted(m for m in ('torch', 'safetensors.torch') if m in sys.modules))\n"
+        "viewer.close()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_tile_tooltip_names_the_models_smallest_tile(viewer, model_file):
+    widget = segment_widget(viewer, model_file)
+    assert "at least 44 px" in widget._tile.tooltip    # depth 2: 4 px of output + 40 of margin

@@ -123,9 +123,11 @@ class SegmentWidget(Container):
 
         self._model_file.visible = self._model.value == FROM_FILE
         try:
-            metadata = read_header(self._model_path())["metadata"]
+            header = read_header(self._model_path())
         except (ValueError, FileNotFoundError):
             return   # reported when Segment is pressed
+        metadata = header["metadata"]
+        self._tile.tooltip = _tile_tooltip(header["config"])
         recommended = metadata.get("postprocess") or {}
         self._threshold.value = recommended.get("threshold", 0.5)
         self._min_size.value = recommended.get("min_size", 0)
@@ -284,6 +286,15 @@ def _stacked(planes: dict, shape):
     for lead, plane in planes.items():
         labels[lead] = plane
     return labels
+
+
+def _tile_tooltip(config: dict) -> str:
+    from ..core.config import ConfigGeometry, UNetConfig
+    from ..core.predict import smallest_tile
+
+    smallest = smallest_tile(ConfigGeometry(UNetConfig.from_dict(config)))
+    return (f"input tile in pixels, or auto (fastest). This model: at least {smallest} px; "
+            f"smaller values are raised to it")
 
 
 def _device_choices(*_) -> list[str]:

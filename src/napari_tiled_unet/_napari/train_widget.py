@@ -44,7 +44,7 @@ class TrainWidget(Container):
         super().__init__(labels=True)
         self._viewer = napari_viewer
         self._image = create_widget(annotation="napari.layers.Image", label="image")
-        self._labels = create_widget(annotation="napari.layers.Labels", label="labels")
+        self._labels_layer = create_widget(annotation="napari.layers.Labels", label="labels")
         self._add_pair = PushButton(text="Add pair")
         self._clear_pairs = PushButton(text="Clear pairs")
         self._pairs_text = Label(value="training on: the image and labels above")
@@ -69,7 +69,7 @@ class TrainWidget(Container):
         self._overwrite = CheckBox(text="overwrite an existing model file")
         self._train = PushButton(text="Train")
         self._stop = PushButton(text="Stop (keeps the best model)", enabled=False)
-        self.extend([self._image, self._labels, self._add_pair, self._clear_pairs, self._pairs_text,
+        self.extend([self._image, self._labels_layer, self._add_pair, self._clear_pairs, self._pairs_text,
                      self._regions, self._ignore, self._w0, self._sigma, self._physical,
                      self._iterations, self._lr, self._batch, self._patch, self._val_fraction,
                      self._start_from, self._init_file, self._output, self._overwrite,
@@ -120,7 +120,7 @@ class TrainWidget(Container):
         self._lr.value = LEARNING_RATES[start]
 
     def _on_add_pair(self, *_) -> None:
-        image, labels = self._image.value, self._labels.value
+        image, labels = self._image.value, self._labels_layer.value
         if image is None or labels is None:
             show_error("pairs: choose an image layer and a labels layer to add")
             return
@@ -137,7 +137,7 @@ class TrainWidget(Container):
 
         init = self._init_path()
         in_channels = 1 if init is None else int(read_header(init)["config"].get("in_channels", 1))
-        pairs = self._pairs or [(self._image.value, self._labels.value, self._regions.value)]
+        pairs = self._pairs or [(self._image.value, self._labels_layer.value, self._regions.value)]
         samples = [_sample(image, labels, regions, in_channels)
                    for image, labels, regions in pairs]
         config = TrainConfig(

@@ -322,6 +322,7 @@ class _Job:
             raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
         _check_out(out, _expected_out_shape(model, image, channel_axis, output))
         _check_tile(tile)
+        _warn_if_below_smallest(tile, model)
         torch_device = resolve_device(device)
         if batch == "auto":
             batch = 4 if torch_device.type == "cuda" else 1
@@ -725,6 +726,24 @@ def _check_tile(tile):
         isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1 for n in sizes
     ):
         raise ValueError(f"tile: expected 'auto', a positive integer or (Y, X), got {tile!r}")
+
+
+def smallest_tile(geometry) -> int:
+    """The smallest input tile the engine uses for a model: one that predicts one pooling step
+    (a smaller request is raised to it)."""
+    return geometry.legal_input_size(geometry.size_step)
+
+
+def _warn_if_below_smallest(tile, model) -> None:
+    import warnings
+
+    if tile == "auto":
+        return
+    smallest = smallest_tile(model)
+    if min(tile if isinstance(tile, tuple) else (tile,)) < smallest:
+        warnings.warn(f"tile: {tile} px is below this model's smallest tile ({smallest} px); "
+                      f"using {smallest} px. Small tiles are slow: 'auto' picks a fast size.",
+                      UserWarning, stacklevel=4)
 
 
 def _resolve_compile(compile, device) -> bool | str:

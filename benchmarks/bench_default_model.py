@@ -21,8 +21,9 @@ import torch
 
 from napari_tiled_unet.core.metrics import match_objects, pixel_iou
 from napari_tiled_unet.core.modelfile import load_model
-from napari_tiled_unet.core.postprocess import label_plane, postprocess_options
+from napari_tiled_unet.core.postprocess import decode_plane, postprocess_options
 from napari_tiled_unet.core.predict import predict_array
+from napari_tiled_unet.core.targets import engine_output
 from napari_tiled_unet.models import DEFAULT_MODEL
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018_fluo" / "train"
@@ -50,20 +51,24 @@ def main():
     print(f"model {args.model} ({model.metadata.get('trained_iterations')} iterations); "
           f"{len(paths)} held-out images from {args.data}; threshold {threshold}, min size {min_size} px")
     print(f"{'image':<14} {'shape':>11} {'true':>5} {'found':>6} {'AP@0.5':>7} {'IoU':>6}")
-    aps, ious, seconds = [], [], 0.0
+    aps, ious, seconds, pooled = [], [], 0.0, np.zeros(3, int)
     for path in paths:
         image = tifffile.imread(path)
         truth = tifffile.imread(str(path).replace("_image.tif", "_labels.tif"))
         start = time.perf_counter()
-        predicted = label_plane(predict_array(model, image), threshold, min_size)
+        predicted = decode_plane(predict_array(model, image, output=engine_output(model.config.n_classes)), threshold, min_size)
         seconds += time.perf_counter() - start
         scores = match_objects(predicted, truth, 0.5)
         aps.append(scores.ap)
+        pooled += (scores.tp, scores.fp, scores.fn)
         ious.append(pixel_iou(predicted, truth))
         print(f"{path.name[:12]:<14} {'x'.join(map(str, image.shape)):>11} {scores.tp + scores.fn:5d} "
               f"{scores.tp + scores.fp:6d} {scores.ap:7.3f} {ious[-1]:6.3f}")
     print(f"\nmean over {len(paths)} images: AP@0.5 {np.mean(aps):.3f}, pixel IoU {np.mean(ious):.3f} "
           f"(median AP@0.5 {np.median(aps):.3f}); {seconds:.1f} s for inference and labelling")
+    tp, fp, fn = pooled
+    print(f"pooled over all {tp + fn} held-out objects: AP@0.5 {tp / max(tp + fp + fn, 1):.3f} "
+          f"(TP {tp}, FP {fp}, FN {fn})")
     print(f"one 1024 x 1024 image, inference and labelling: {time_1024(model, threshold, min_size):.2f} s "
           f"(best of 3; {torch.get_num_threads()} CPU threads, device auto)")
 
@@ -73,7 +78,7 @@ def time_1024(model, threshold, min_size) -> float:
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        label_plane(predict_array(model, image), threshold, min_size)
+        decode_plane(predict_array(model, image, output=engine_output(model.config.n_classes)), threshold, min_size)
         best = min(best, time.perf_counter() - start)
     return best
 

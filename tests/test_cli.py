@@ -250,3 +250,39 @@ def test_version_and_a_torch_free_info(model_file, capsys):
     result = subprocess.run([sys.executable, "-c", code, str(model_file)], capture_output=True,
                             text=True, check=True)
     assert result.stdout.strip().endswith("False") and "parameters" in result.stdout
+
+
+def test_boundary_models_train_tune_and_segment_from_the_command_line(tmp_path):
+    from napari_tiled_unet.core.metrics import match_objects
+    from napari_tiled_unet.core.modelfile import load_model
+    from napari_tiled_unet.core.postprocess import MIN_SIZES, THRESHOLDS, label_boundary_plane
+    from napari_tiled_unet.core.predict import predict_array
+
+    images, labels = annotated_files(tmp_path, seeds=range(2), size=80)
+    model_path = tmp_path / "b.safetensors"
+    assert cli.main(["train", "--images", *map(str, images), "--labels", *map(str, labels),
+                     "-o", str(model_path), "--mode", "boundary", "--iterations", "3",
+                     "--patch", "92", "--depth", "2", "--base-channels", "4", "--quiet"]) == 0
+    model = load_model(model_path)
+    assert model.config.n_classes == 3 and model.metadata["diameter"] > 0
+    assert cli.main(["tune", str(model_path), "--images", *map(str, images),
+                     "--labels", *map(str, labels)]) == 0
+    chosen = load_model(model_path).metadata["postprocess"]
+    classes = [predict_array(model, tifffile.imread(p), output="classes") for p in images]
+    truths = [tifffile.imread(p) for p in labels]
+    grid = {(t, s): np.mean([match_objects(label_boundary_plane(c, t, s), g, 0.5).ap
+                             for c, g in zip(classes, truths)])
+            for t in THRESHOLDS for s in MIN_SIZES}
+    assert chosen["ap50"] == pytest.approx(max(grid.values()), abs=1e-12)
+    out = tmp_path / "labels.tif"
+    assert cli.main(["segment", str(images[0]), "-o", str(out), "--model", str(model_path),
+                     "--quiet"]) == 0
+    expected = label_boundary_plane(classes[0], chosen["threshold"], chosen["min_size"])
+    assert np.array_equal(tifffile.imread(out), expected)
+
+
+def test_zoom_range_is_checked_before_work(tmp_path, capsys):
+    images, labels = annotated_files(tmp_path, seeds=range(1), size=64)
+    code = cli.main(["train", "--images", str(images[0]), "--labels", str(labels[0]),
+                     "-o", str(tmp_path / "m.safetensors"), "--zoom", "2", "0.5"])
+    assert code == 2 and "--zoom: expected 0 < LOW <= HIGH, got 2.0 0.5" in capsys.readouterr().err

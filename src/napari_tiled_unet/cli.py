@@ -403,18 +403,21 @@ def _tune(args) -> int:
     from .core.modelfile import load_model, save_model
     from .core.postprocess import choose_postprocess
     from .core.predict import predict_array
+    from .core.targets import engine_output
 
     samples = _training_samples(args)
     model = load_model(args.model)
     probabilities, truths = [], []
     for sample, labels_path in zip(samples, args.labels):
-        probability = predict_array(model, sample.image, channel_axis=sample.channel_axis,
-                                    device=args.device)
-        if probability.shape != sample.labels.shape:
+        output = engine_output(model.config.n_classes)
+        maps = predict_array(model, sample.image, channel_axis=sample.channel_axis,
+                             device=args.device, output=output)
+        shape = maps.shape if output == "foreground" else maps.shape[:-3] + maps.shape[-2:]
+        if shape != sample.labels.shape:
             raise UsageError(f"--labels: {labels_path} has shape {sample.labels.shape}, "
-                             f"expected {probability.shape}")
+                             f"expected {shape}")
         plane_shape = sample.labels.shape[-2:]
-        probabilities += list(probability.reshape((-1,) + plane_shape))
+        probabilities += list(maps.reshape((-1,) + maps.shape[-3 if output == "classes" else -2:]))
         truths += list(sample.labels.reshape((-1,) + plane_shape))
     chosen = choose_postprocess(probabilities, truths)
     save_model(model, args.model, metadata={**model.metadata, "postprocess": chosen})

@@ -17,6 +17,7 @@ import numpy as np
 
 from .normalize import Normalization
 from .postprocess import decode_plane, postprocess_options
+from .targets import engine_output
 
 
 @dataclass(frozen=True)
@@ -114,11 +115,11 @@ def segment(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected a positive integer, got {workers!r}")
     check_image(image)
-    boundary = model.config.n_classes == 3
+    output = engine_output(model.config.n_classes)
     leading = leading_shape(tuple(image.shape), channel_axis)
-    sink = PlaneBuffer(leading, tuple(image.shape[-2:]), channels=3 if boundary else None)
-    events = predict(model, image, sink, channel_axis=channel_axis,
-                     output="classes" if boundary else "foreground", tile=tile, batch=batch,
+    channels = model.config.n_classes if output == "classes" else None
+    sink = PlaneBuffer(leading, tuple(image.shape[-2:]), channels=channels)
+    events = predict(model, image, sink, channel_axis=channel_axis, output=output, tile=tile, batch=batch,
                      device=device, precision=precision, normalization=normalization,
                      should_stop=should_stop)
     labeller = _Labeller(sink, leading, threshold, min_size, workers)

@@ -39,6 +39,12 @@ def n_classes_of(mode: str) -> int:
     raise ValueError(f"mode: expected one of {sorted(MODES.values())}, got {mode!r}")
 
 
+def engine_output(n_classes: int) -> str:
+    """What the engine must return for a model's decoder (:func:`~.postprocess.decode_plane`):
+    the foreground probability ("foreground") for 2 classes, the class maps ("classes") for 3."""
+    return "classes" if n_classes == 3 else "foreground"
+
+
 def class_target(ids, n_classes: int):
     """Per-pixel class of instance ids.
 

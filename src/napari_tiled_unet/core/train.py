@@ -22,7 +22,7 @@ from .augment import Augmentation
 from .model import UNet, UNetConfig
 from .normalize import Normalization
 from .tiling import mirror_indices
-from .targets import output_mode
+from .targets import engine_output, output_mode
 from .weights import border_weight_map, separate_touching
 
 OPTIMIZERS = ("adam", "sgd")
@@ -259,7 +259,7 @@ class _Session:
 
         model.eval()
         ious, scores = [], []
-        output = "foreground" if output_mode(model.config.n_classes) == "paper" else "classes"
+        output = engine_output(model.config.n_classes)
         for plane in self.val_planes:
             maps = predict_array(model, plane.image, channel_axis=0, device=str(device),
                                  normalization=Normalization("none"), output=output)

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.run(args)
-    except (UsageError, ValueError, FileNotFoundError) as error:
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"tiled-unet {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -104,7 +104,7 @@ def _segment(args) -> int:
         targets.append((outputs[1], shape, np.float32, axes, False))
     try:
         with stop.installed(), contextlib.closing(rows):   # closes the progress bar first
-            write_tiff_streams(targets, rows)
+            write_tiff_streams(targets, rows, overwrite=args.overwrite)
     except (IncompleteWrite, KeyboardInterrupt):
         print("tiled-unet segment: stopped; no output was written", file=sys.stderr)
         return stop.exit_code

@@ -127,3 +127,35 @@ def test_stream_writing_round_trips_several_files(tmp_path):
     with pytest.raises(ValueError, match="more planes than its shape"):
         write_tiff_streams([(tmp_path / "c.tif", (2, 5, 6), np.uint16, "ZYX")], rows)
     assert not (tmp_path / "c.tif").exists()
+
+
+def test_a_file_that_appears_during_a_run_is_kept_without_overwrite(tmp_path):
+    target = tmp_path / "labels.tif"
+
+    def rows():
+        yield (np.zeros((5, 6)),)
+        target.write_bytes(b"another run got here first")
+        yield (np.zeros((5, 6)),)
+
+    with pytest.raises(FileExistsError, match="appeared during the run"):
+        write_tiff_streams([(target, (2, 5, 6), np.uint16, "ZYX")], rows(), overwrite=False)
+    assert target.read_bytes() == b"another run got here first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.tif"]
+
+
+def test_partials_of_dead_processes_are_cleaned_and_live_ones_kept(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from napari_tiled_unet.core.io import remove_stale_partials
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    stale = tmp_path / f".labels.tif.{dead}.0123abcd.partial"
+    live = tmp_path / f".labels.tif.{os.getpid()}.4567cdef.partial"
+    other = tmp_path / f".other.tif.{dead}.89abcdef.partial"
+    for path in (stale, live, other):
+        path.write_bytes(b"x")
+    assert remove_stale_partials(tmp_path / "labels.tif") == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])

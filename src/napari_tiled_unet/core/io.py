@@ -177,6 +177,30 @@ def write_tiff_stream(path, shape, dtype, axes: str | None, planes, compress: bo
     return target.path
 
 
+def remove_stale_partials(path) -> list[Path]:
+    """Remove the hidden temporary files that runs killed outright (SIGKILL, power loss) left
+    beside ``path``; files of processes still alive are kept. Returns the removed paths."""
+    path = Path(path)
+    removed = []
+    for stale in path.parent.glob(f".{path.name}.*.partial"):
+        parts = stale.name[len(path.name) + 2:].split(".")
+        if not parts[0].isdigit() or _alive(int(parts[0])):
+            continue
+        stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process
+        return True
+    return True
+
+
 class _TiffTarget:
     """One output TIFF: written to a uniquely named hidden file beside it, then committed."""
 
@@ -188,6 +212,7 @@ class _TiffTarget:
         self.dtype, self.axes, self.compress = np.dtype(dtype), axes, compress
         # pid + random: two runs never share a temporary file, even with recycled pids
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+        remove_stale_partials(self.path)
 
     def write(self, planes) -> None:
         import tifffile
@@ -205,8 +230,23 @@ class _TiffTarget:
         with open(self.tmp, "rb+") as handle:   # on disk before it takes the name
             os.fsync(handle.fileno())
 
-    def commit(self) -> None:
-        os.replace(self.tmp, self.path)
+    def commit(self, replace: bool = True) -> None:
+        """Give the written file its name. Without ``replace``, a file that appeared at the
+        target during the run (another run, another program) is kept: the name is taken with
+        a hard link, which fails rather than replace."""
+        if replace:
+            os.replace(self.tmp, self.path)
+            return
+        try:
+            os.link(self.tmp, self.path)
+        except FileExistsError:
+            raise FileExistsError(f"{self.path} appeared during the run and was kept; the result "
+                                  f"was not written (pass --overwrite to replace it)") from None
+        except OSError:   # no hard links on this file system: check, then rename
+            if self.path.exists():
+                raise FileExistsError(f"{self.path} appeared during the run and was kept") from None
+            os.replace(self.tmp, self.path)
+        self.tmp.unlink(missing_ok=True)
 
     def discard(self) -> None:
         self.tmp.unlink(missing_ok=True)
@@ -226,7 +266,7 @@ def _checked_planes(planes, plane_shape, dtype, expected):
         raise IncompleteWrite(f"got {count} planes of {expected}; nothing was written")
 
 
-def write_tiff_streams(targets, rows) -> list[Path]:
+def write_tiff_streams(targets, rows, overwrite: bool = True) -> list[Path]:
     """Write several stacks in lockstep, pulling one row of planes at a time; all files are
     committed together, or none is.
 
@@ -241,6 +281,9 @@ def write_tiff_streams(targets, rows) -> list[Path]:
         One entry per file, as the arguments of :func:`write_tiff_stream`.
     rows : iterable of tuples of numpy.ndarray
         The k-th plane of every file, in the order of ``targets``.
+    overwrite : bool
+        Replace files that exist at commit time; without it, a file that appeared during the
+        run is kept and the call raises FileExistsError, committing nothing.
 
     Returns
     -------
@@ -253,8 +296,13 @@ def write_tiff_streams(targets, rows) -> list[Path]:
                 writer.put(plane)
         for writer in writers:
             writer.finish()
+        if not overwrite:
+            for writer in writers:
+                if writer.target.path.exists():
+                    raise FileExistsError(f"{writer.target.path} appeared during the run and was "
+                                          f"kept; nothing was written (pass --overwrite)")
         for writer in writers:
-            writer.target.commit()
+            writer.target.commit(replace=overwrite)
     finally:
         for writer in writers:
             writer.abort()

@@ -56,10 +56,16 @@ def save_model(model: UNet, path, *, normalization: Normalization | None = None,
     try:
         save_file(tensors, str(tmp), metadata=header)
         os.chmod(tmp, 0o666 & ~_umask())   # safetensors creates owner-only files; share like any file
+        _fsync(tmp)   # on disk before it takes the name: a crash leaves the old model or the new
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _fsync(path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
 
 
 def _umask() -> int:

@@ -311,7 +311,13 @@ class _Session:
         target = checkpoint_path(self.output)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            torch.save(state, tmp)
+            try:
+                torch.save(state, tmp)
+                with open(tmp, "rb+") as handle:
+                    os.fsync(handle.fileno())
+            except (OSError, RuntimeError) as error:   # torch reports a full disk as "unexpected pos"
+                raise OSError(f"checkpoint: could not write {target} ({error}); the model file "
+                              f"{self.output} keeps the best model so far") from None
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

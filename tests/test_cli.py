@@ -286,3 +286,28 @@ def test_zoom_range_is_checked_before_work(tmp_path, capsys):
     code = cli.main(["train", "--images", str(images[0]), "--labels", str(labels[0]),
                      "-o", str(tmp_path / "m.safetensors"), "--zoom", "2", "0.5"])
     assert code == 2 and "--zoom: expected 0 < LOW <= HIGH, got 2.0 0.5" in capsys.readouterr().err
+
+
+def test_measure_writes_a_table_of_every_object_of_every_plane(tmp_path, model_file, stack_file):
+    import csv
+
+    from napari_tiled_unet.core.measure import measure_plane
+
+    from napari_tiled_unet.core.modelfile import load_model
+    from napari_tiled_unet.core.predict import predict_array
+
+    out = tmp_path / "labels.tif"
+    median = float(np.median(predict_array(load_model(model_file), tifffile.imread(stack_file))))
+    assert segment(stack_file, "-o", out, "--model", model_file, "--measure",
+                   "--threshold", f"{median:.6f}") == 0
+    labels, image = tifffile.imread(out), tifffile.imread(stack_file)
+    with open(tmp_path / "labels.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == sum(int(p.max()) for p in labels) > 0
+    first = [r for r in rows if r["plane"] == "1"]
+    expected = measure_plane(labels[1], image[1])
+    assert [int(r["label"]) for r in first] == list(expected["label"])
+    assert [int(float(r["area"])) for r in first] == list(expected["area"])
+    assert np.allclose([float(r["mean_intensity"]) for r in first], expected["mean_intensity"])
+    assert np.allclose([float(r["centroid-1"]) for r in first], expected["centroid-1"])
+    assert not list(tmp_path.glob(".*.partial"))

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument("-o", "--output", type=Path, required=True, help="labels TIFF to write")
     segment.add_argument("--model", type=Path, help="model file (default: the bundled model)")
     segment.add_argument("--probabilities", type=Path, help="also write foreground probabilities")
+    segment.add_argument("--measure", action="store_true",
+                         help="also write a CSV of the objects beside the labels (LABELS.csv): "
+                              "plane, label, area, centroid, bounding box, mean intensity")
     segment.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     segment.add_argument("--tile", default="auto", help="input tile size in pixels, or auto")
     segment.add_argument("--batch", default="auto", help="tiles per forward pass (default auto: 4 on CUDA, 1 on CPU)")
@@ -95,7 +98,14 @@ def _segment(args) -> int:
     )
     _, min_size = postprocess_options(model.metadata, args.threshold, args.min_size)
     counts: list[int] = []
-    rows = _plane_rows(events, args.quiet, counts, on_plane=lambda: release_mapped_pages(image.data))
+    table = _MeasurementTable(outputs[-1], image.data, channel_axis) if args.measure else None
+
+    def on_plane(plane):
+        if table is not None:
+            table.add(plane)
+        release_mapped_pages(image.data)
+
+    rows = _plane_rows(events, args.quiet, counts, on_plane=on_plane)
     axes = "".join(a for i, a in enumerate(image.axes) if i != channel_axis)
     shape = tuple(n for i, n in enumerate(image.shape) if i != channel_axis)
     # Labels compress many times over, which matters when their dtype must be wide.
@@ -108,6 +118,11 @@ def _segment(args) -> int:
     except (IncompleteWrite, KeyboardInterrupt):
         print("tiled-unet segment: stopped; no output was written", file=sys.stderr)
         return stop.exit_code
+    finally:
+        if table is not None:
+            table.close()
+    if table is not None:
+        table.commit()
     print(f"{args.output}: {sum(counts)} objects in {len(counts)} plane(s)"
           f"{' (ids restart at 1 in each plane)' if len(counts) > 1 else ''}")
     return 0
@@ -117,13 +132,16 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 
 
 def _checked_outputs(args) -> list[Path]:
+    """The TIFF outputs, then the measurements CSV when asked for; all checked before work."""
     outputs = [args.output] + ([args.probabilities] if args.probabilities else [])
     inputs = [args.input, _model_path(args.model)]
     for option, path in zip(("--output", "--probabilities"), outputs):
         check_output_path(option, path, inputs, args.overwrite, TIFF_SUFFIXES)
+    if args.measure:
+        check_output_path("--measure", args.output.with_suffix(".csv"), inputs, args.overwrite)
     if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
         raise UsageError("--probabilities: must differ from --output")
-    return outputs
+    return outputs + ([args.output.with_suffix(".csv")] if args.measure else [])
 
 
 def check_output_path(option: str, path: Path, inputs, overwrite: bool, suffixes=None) -> None:
@@ -174,10 +192,55 @@ def _plane_rows(events, quiet, counts, on_plane):
             bar.update(event)
             for plane in event.planes:
                 counts.append(plane.count)
-                on_plane()
+                on_plane(plane)
                 yield plane.labels, plane.probability
     finally:
         bar.close()
+
+
+class _MeasurementTable:
+    """Per-object rows of every plane, streamed to a temporary CSV and renamed at the end."""
+
+    def __init__(self, path: Path, data, channel_axis):
+        import csv
+        import os
+
+        self.path, self.data, self.channel_axis = path, data, channel_axis
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        self.handle = open(self.tmp, "w", newline="")
+        self.writer = None
+        self.csv = csv
+
+    def add(self, plane) -> None:
+        from .core.measure import measure_plane
+
+        columns = measure_plane(plane.labels, self._intensity(plane.lead))
+        if self.writer is None:
+            self.writer = self.csv.DictWriter(self.handle, fieldnames=["plane", *columns])
+            self.writer.writeheader()
+        for row in zip(*columns.values()):
+            self.writer.writerow({"plane": plane.index, **dict(zip(columns, row))})
+
+    def _intensity(self, lead):
+        key, lead = [], list(lead)
+        for axis in range(len(self.data.shape) - 2):
+            key.append(slice(None) if axis == self.channel_axis else lead.pop(0))
+        return np.asarray(self.data[tuple(key)])
+
+    def close(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+
+    def commit(self) -> None:
+        import os
+
+        self.close()
+        os.replace(self.tmp, self.path)
+
+    def __del__(self):
+        self.close()
+        if self.tmp.exists():
+            self.tmp.unlink()
 
 
 class _ProgressBar:

@@ -275,6 +275,8 @@ class _Reader:
 
     def _read(self, index, lead, view, source: _TileSource, stats) -> _Item:
         raw = np.ascontiguousarray(view[(slice(None),) + source.box])
+        if not raw.flags.writeable:   # a read-only memmap: torch wants memory of its own
+            raw = raw.copy()
         if self.check_finite and not np.isfinite(raw).all():
             raise ValueError(f"image: contains NaN or Inf values (plane {lead})")
         item = _Item(index, lead, source, raw, stats)

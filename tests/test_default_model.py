@@ -60,3 +60,23 @@ def test_segment_without_model_uses_the_bundled_one(model, tmp_path, capsys):
     expected = segmented(model, image)
     np.testing.assert_array_equal(tifffile.imread(output), expected)
     assert capsys.readouterr().out.strip() == f"{output}: {int(expected.max())} objects in 1 plane(s)"
+
+
+@pytest.mark.parametrize("stem", ["nuclei_b", "nuclei_c"])
+def test_a_3x_upscaled_sample_is_segmented_as_well_with_auto_diameter(model, stem):
+    from scipy import ndimage
+
+    from napari_tiled_unet.core.metrics import median_diameter
+    from napari_tiled_unet.core.segment import segment
+
+    image, truth = sample(stem)
+    if image.shape[0] > 300:
+        image, truth = image[:256, :256], truth[:256, :256]   # keep the test quick
+    original = match_objects(segmented(model, image), truth, 0.5).ap
+    large, large_truth = ndimage.zoom(image, 3, order=1), ndimage.zoom(truth, 3, order=0)
+    events = list(segment(model, large, diameter="auto", device="cpu"))
+    (plane,) = [p for e in events for p in e.planes]
+    true_factor = model.metadata["diameter"] / (3 * median_diameter([truth]))
+    assert events[-1].factor == pytest.approx(true_factor, rel=0.15)
+    assert plane.labels.shape == large.shape
+    assert match_objects(plane.labels, large_truth, 0.5).ap >= original - 0.05

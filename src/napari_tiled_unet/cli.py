@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument("--min-size", type=int,
                          help="drop smaller objects, in pixels (default: the model's recommendation, else 0)")
     segment.add_argument("--channel-axis", type=int, help="channel axis when the file's metadata has none")
+    segment.add_argument("--diameter", type=_diameter,
+                         help="typical object diameter in px, or auto (estimated from the first "
+                              "plane): planes are segmented where objects match the model's "
+                              "training size, labels mapped back (default: the image as it is)")
     segment.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
     segment.set_defaults(run=_segment)
@@ -94,7 +98,7 @@ def _segment(args) -> int:
         model, image.data, channel_axis=channel_axis, threshold=args.threshold,
         min_size=args.min_size, tile=positive_or_auto("--tile", args.tile),
         batch=positive_or_auto("--batch", args.batch), device=args.device,
-        precision=args.precision, should_stop=stop,
+        precision=args.precision, should_stop=stop, diameter=args.diameter,
     )
     _, min_size = postprocess_options(model.metadata, args.threshold, args.min_size)
     counts: list[int] = []
@@ -184,11 +188,28 @@ def _labels_dtype(shape, min_size) -> np.dtype:
     return labels_dtype(height * width // max(min_size, 1))
 
 
+def _diameter(text: str):
+    if text.strip() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of pixels or 'auto', got {text!r}")
+    return value
+
+
 def _plane_rows(events, quiet, counts, on_plane):
     """Drain the segment step; yield (labels, probability) for each plane, in order."""
     bar = _ProgressBar(quiet)
+    told = False
     try:
         for event in events:
+            if not told and event.diameter is not None:
+                told = True
+                print(f"tiled-unet segment: object diameter {event.diameter:.1f} px; planes "
+                      f"segmented at {event.factor:.3g}x", file=sys.stderr)
             bar.update(event)
             for plane in event.planes:
                 counts.append(plane.count)

@@ -117,3 +117,14 @@ def split_touching_pairs(predicted: np.ndarray, truth: np.ndarray) -> tuple[int,
         majority[obj] = covered[np.argmax(counts)]
     split = sum(1 for a, b in pairs if majority[a] and majority[b] and majority[a] != majority[b])
     return split, len(pairs)
+
+
+def median_diameter(label_planes) -> float:
+    """Median equivalent diameter ``sqrt(4 area / pi)`` in pixels of the objects in
+    ``label_planes`` (each shape (Y, X), 0 = background); 0.0 when there are none."""
+    areas = []
+    for labels in label_planes:
+        _, counts = np.unique(labels[labels > 0], return_counts=True)
+        areas.append(counts)
+    areas = np.concatenate(areas) if areas else np.zeros(0)
+    return float(np.sqrt(4 * np.median(areas) / np.pi)) if areas.size else 0.0

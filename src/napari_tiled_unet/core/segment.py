@@ -9,6 +9,7 @@ and handed to the caller in plane order.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -17,6 +18,7 @@ import numpy as np
 
 from .normalize import Normalization
 from .postprocess import decode_plane, postprocess_options
+from .rescale import LARGEST_FACTOR, SMALLEST_FACTOR, Rescaled, back_to_original, factor_for
 from .targets import engine_output
 
 
@@ -60,6 +62,10 @@ class SegmentEvent:
         Planes labelled since the previous event, in plane order.
     stopped : bool
         True on the last event when ``should_stop`` ended the run early.
+    diameter : float or None
+        Object diameter (px, original grid) the run worked with: given, or estimated ("auto").
+    factor : float
+        Working scale / original scale (1.0: the image was segmented as it is).
     """
 
     done: int
@@ -69,6 +75,8 @@ class SegmentEvent:
     tile_shape: tuple[int, int]
     planes: tuple[PlaneResult, ...] = ()
     stopped: bool = False
+    diameter: float | None = None
+    factor: float = 1.0
 
 
 def segment(
@@ -85,6 +93,7 @@ def segment(
     normalization: Normalization | None = None,
     should_stop: Callable[[], bool] | None = None,
     workers: int = 2,
+    diameter: float | str | None = None,
 ) -> Iterator[SegmentEvent]:
     """Segment ``image`` plane by plane into instance labels; returns a generator of events.
 
@@ -104,6 +113,11 @@ def segment(
         Polled before each tile batch; a stop yields a last event with ``stopped=True``.
     workers : int
         Threads that label completed planes.
+    diameter : float, "auto" or None
+        Typical object diameter in the image (px). Each plane is then segmented at the scale
+        where objects match the model's training diameter (``metadata["diameter"]``), and the
+        labels are mapped back to the image's grid. "auto" estimates it from the first plane
+        (:func:`estimate_diameter`). None: the image as it is.
 
     Returns
     -------
@@ -117,22 +131,112 @@ def segment(
     check_image(image)
     output = engine_output(model.config.n_classes)
     leading = leading_shape(tuple(image.shape), channel_axis)
+    engine = {"tile": tile, "batch": batch, "device": device, "precision": precision,
+              "normalization": normalization}
+    diameter, factor = _working_scale(model, image, channel_axis, diameter, threshold, min_size, engine)
+    working = image if factor == 1.0 else Rescaled(image, factor)
     channels = model.config.n_classes if output == "classes" else None
-    sink = PlaneBuffer(leading, tuple(image.shape[-2:]), channels=channels)
-    events = predict(model, image, sink, channel_axis=channel_axis, output=output, tile=tile, batch=batch,
-                     device=device, precision=precision, normalization=normalization,
-                     should_stop=should_stop)
-    labeller = _Labeller(sink, leading, threshold, min_size, workers)
+    sink = PlaneBuffer(leading, tuple(working.shape[-2:]), channels=channels)
+    events = predict(model, working, sink, channel_axis=channel_axis, output=output,
+                     should_stop=should_stop, **engine)
+    labeller = _Labeller(sink, leading, threshold, min_size, workers,
+                         tuple(image.shape[-2:]), diameter, factor)
     return labeller.drain(events)
+
+
+# Objects within 5% of the model's size are segmented as they are.
+_SAME_SIZE = 0.05
+_ESTIMATE_WINDOW = 1024
+
+
+def _working_scale(model, image, channel_axis, diameter, threshold, min_size, engine):
+    """(object diameter, working-scale factor) for ``diameter`` (None, px or "auto")."""
+    if diameter is None:
+        return None, 1.0
+    model_diameter = (getattr(model, "metadata", None) or {}).get("diameter")
+    if diameter == "auto":
+        factor_for(model_diameter, 1.0)   # the model must know its size: fail before work
+        diameter = estimate_diameter(model, image, channel_axis, threshold, min_size, **engine)
+        if diameter is None:   # nothing found: nothing to scale by
+            return None, 1.0
+    factor = factor_for(model_diameter, diameter)
+    if abs(factor - 1.0) <= _SAME_SIZE:
+        return float(diameter), 1.0
+    Rescaled(image, factor)   # checks the factor's range before work
+    return float(diameter), factor
+
+
+_SEARCH_FACTORS = (0.25, 0.5, 1.0, 2.0)
+# objects the model segments as objects: within this range of its training diameter
+_COMFORT = (0.6, 1.6)
+
+
+def estimate_diameter(model, image, channel_axis=None, threshold=0.5, min_size=0,
+                      **engine) -> float | None:
+    """Median equivalent diameter (px) of the objects in a centred window (at most 1024 x 1024)
+    of the image's first plane; None when no object is found.
+
+    A network splits objects far larger than its training size into pieces of about that
+    size, so one pass at the image's own scale can be badly wrong. The window is segmented at
+    the scales 1/4, 1/2, 1 and 2; of the scales at which the objects found measure near the
+    model's own diameter (0.6 to 1.6 times), the largest estimate is kept (fragments are
+    smaller than the objects they come from), and one more pass at the scale that estimate
+    implies refines it.
+
+    Returns
+    -------
+    float or None
+    """
+    plane = _first_plane_window(image, channel_axis)
+    model_diameter = (getattr(model, "metadata", None) or {}).get("diameter")
+    if not model_diameter:
+        return _measured(model, plane, channel_axis, 1.0, threshold, min_size, engine)
+    candidates = []
+    for factor in _SEARCH_FACTORS:
+        found = _measured(model, plane, channel_axis, factor, threshold, min_size, engine)
+        if found is not None and _COMFORT[0] <= found * factor / model_diameter <= _COMFORT[1]:
+            candidates.append(found)
+    if not candidates:
+        return None
+    # fragments of large objects also measure near the model's size, at too large a scale:
+    # the largest consistent estimate is the objects themselves
+    estimate = max(candidates)
+    factor = min(max(model_diameter / estimate, SMALLEST_FACTOR), LARGEST_FACTOR)
+    return _measured(model, plane, channel_axis, factor, threshold, min_size, engine) or estimate
+
+
+def _measured(model, plane, channel_axis, factor, threshold, min_size, engine) -> float | None:
+    """Median object diameter, in the plane's own px, of a pass at ``factor``."""
+    from .metrics import median_diameter
+    from .predict import predict_array
+
+    working = plane if factor == 1.0 else Rescaled(plane, factor)
+    if min(working.shape[-2:]) < 16:
+        return None
+    maps = predict_array(model, working, channel_axis=0 if channel_axis is not None else None,
+                         output=engine_output(model.config.n_classes), **engine)
+    found = median_diameter([decode_plane(maps, threshold, min_size)])
+    return found / factor if found else None
+
+
+def _first_plane_window(image, channel_axis):
+    key = []
+    for axis in range(len(image.shape) - 2):
+        key.append(slice(None) if axis == channel_axis else 0)
+    height, width = image.shape[-2:]
+    rows = slice(max(0, (height - _ESTIMATE_WINDOW) // 2), max(0, (height - _ESTIMATE_WINDOW) // 2) + _ESTIMATE_WINDOW)
+    cols = slice(max(0, (width - _ESTIMATE_WINDOW) // 2), max(0, (width - _ESTIMATE_WINDOW) // 2) + _ESTIMATE_WINDOW)
+    return np.asarray(image[tuple(key) + (rows, cols)])
 
 
 class _Labeller:
     """Labels completed planes in a thread pool and hands them out in order."""
 
-    def __init__(self, sink, leading, threshold, min_size, workers):
+    def __init__(self, sink, leading, threshold, min_size, workers, plane_shape, diameter, factor):
         self.sink, self.threshold, self.min_size = sink, threshold, min_size
         self.leads = list(np.ndindex(*leading))
         self.workers = workers
+        self.plane_shape, self.diameter, self.factor = plane_shape, diameter, factor
 
     def drain(self, events) -> Iterator[SegmentEvent]:
         from concurrent.futures import ThreadPoolExecutor
@@ -177,13 +281,16 @@ class _Labeller:
     def _label(self, index: int, maps: np.ndarray) -> PlaneResult:
         labels = decode_plane(maps, self.threshold, self.min_size)
         probability = maps if maps.ndim == 2 else (1.0 - maps[0]).astype(np.float32)
+        if self.factor != 1.0:
+            labels, probability = back_to_original(labels, probability, self.plane_shape, self.factor)
         return PlaneResult(index, self.leads[index], labels, probability, int(labels.max()))
 
     def _event(self, last, handed, ready, stopped=False) -> SegmentEvent:
+        scale = {"diameter": self.diameter, "factor": self.factor}
         if last is None:   # an empty stack cannot happen (predict rejects it); keep types right
-            return SegmentEvent(0, 0, handed, len(self.leads), (0, 0), tuple(ready), stopped)
+            return SegmentEvent(0, 0, handed, len(self.leads), (0, 0), tuple(ready), stopped, **scale)
         return SegmentEvent(last.done, last.total, handed, len(self.leads), last.tile_shape,
-                            tuple(ready), stopped)
+                            tuple(ready), stopped, **scale)
 
 
 class PlaneBuffer:

@@ -22,6 +22,7 @@ from .augment import Augmentation
 from .model import UNet, UNetConfig
 from .normalize import Normalization
 from .tiling import mirror_indices
+from .metrics import median_diameter
 from .targets import engine_output, output_mode
 from .weights import border_weight_map, separate_touching
 
@@ -525,17 +526,6 @@ def _patch_centre(plane: TrainingPlane, rng, foreground_bias: float):
     if len(plane.foreground) and rng.random() < foreground_bias / (foreground_bias + 1):
         return plane.foreground[rng.integers(len(plane.foreground))]
     return rng.integers(plane.ids.shape[0]), rng.integers(plane.ids.shape[1])
-
-
-def median_diameter(label_planes) -> float:
-    """Median equivalent diameter ``sqrt(4 area / pi)`` in pixels of the objects in
-    ``label_planes`` (each shape (Y, X), 0 = background); 0.0 when there are none."""
-    areas = []
-    for labels in label_planes:
-        _, counts = np.unique(labels[labels > 0], return_counts=True)
-        areas.append(counts)
-    areas = np.concatenate(areas) if areas else np.zeros(0)
-    return float(np.sqrt(4 * np.median(areas) / np.pi)) if areas.size else 0.0
 
 
 def _window(start, size, length):

@@ -1,0 +1,90 @@
+"""Objects at the model's size: lazy resampling, the way back, and diameter estimation."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from napari_tiled_unet.core.model import UNet, UNetConfig
+from napari_tiled_unet.core.normalize import Normalization
+from napari_tiled_unet.core.rescale import Rescaled, back_to_original
+from napari_tiled_unet.core.segment import estimate_diameter, segment
+
+
+class Threshold(UNet):
+    """A 'network' whose foreground is the bright part of its input (geometry of depth 2)."""
+
+    def forward(self, x):
+        c = self.margin // 2
+        return (x[:, :1, c : x.shape[-2] - c, c : x.shape[-1] - c] - 0.5) * 20
+
+
+def threshold_model(diameter=20.0):
+    model = Threshold(UNetConfig(depth=2, base_channels=2)).eval()
+    model.normalization, model.metadata = Normalization("none"), {"diameter": diameter}
+    return model
+
+
+def discs(diameter, size, spacing):
+    yy, xx = np.mgrid[:size, :size]
+    image = np.zeros((size, size), np.float32)
+    for cy in range(spacing // 2, size - diameter // 2, spacing):
+        for cx in range(spacing // 2, size - diameter // 2, spacing):
+            image[np.hypot(yy - cy, xx - cx) < diameter / 2] = 1
+    return image
+
+
+@pytest.mark.parametrize("factor", [2.0, 0.5, 1.7, 3.0])
+def test_any_window_of_a_rescaled_image_equals_the_whole(factor, rng):
+    image = rng.random((2, 37, 53)).astype(np.float32)
+    view = Rescaled(image, factor)
+    whole = view[:, :, :]
+    assert whole.shape == view.shape == (2, round(37 * factor), round(53 * factor))
+    assert np.array_equal(view[1, 5:17, 3:30], whole[1, 5:17, 3:30])
+    assert np.array_equal(view[0, ::3, ::2], whole[0, ::3, ::2])
+    assert view[1, 4, 7] == whole[1, 4, 7]
+    if factor == 2.0:   # linear, pixel centres aligned: scipy's zoom in grid mode
+        reference = ndimage.zoom(image[0], 2.0, order=1, grid_mode=True, mode="nearest")
+        assert np.abs(whole[0] - reference).max() < 1e-6
+
+
+def test_factors_out_of_range_are_refused():
+    with pytest.raises(ValueError, match=r"diameter: the scale factor must be within \[0.125, 8"):
+        Rescaled(np.zeros((10, 10)), 20.0)
+
+
+def test_labels_go_back_to_the_original_grid_with_ids_renumbered():
+    labels = np.zeros((74, 106), np.uint32)
+    labels[10:30, 10:30], labels[40:60, 50:80], labels[70, 100] = 4, 9, 12
+    original, probability = back_to_original(labels, (labels > 0).astype(np.float32), (37, 53), 2.0)
+    assert original.shape == probability.shape == (37, 53)
+    assert sorted(np.unique(original)) == [0, 1, 2, 3]
+    assert (original == 1).sum() == 100 and (original == 2).sum() == 150
+
+
+def test_diameter_rescaling_keeps_shapes_and_finds_the_same_objects():
+    model = threshold_model(diameter=20.0)
+    small = discs(20, 300, 50)
+    large = ndimage.zoom(small, 3, order=0)               # the same discs, 60 px across
+    reference = [p for e in segment(model, small, device="cpu") for p in e.planes][0]
+    events = list(segment(model, large, diameter=60.0, device="cpu"))
+    plane = [p for e in events for p in e.planes][0]
+    assert events[-1].factor == pytest.approx(1 / 3) and events[-1].diameter == 60.0
+    assert plane.labels.shape == plane.probability.shape == large.shape
+    assert plane.count == reference.count == 36           # 6 x 6 discs
+    assert sorted(np.unique(plane.labels)) == list(range(37))
+
+
+@pytest.mark.parametrize("diameter", [12, 20, 36, 60])
+def test_auto_recovers_a_known_object_size_within_15_percent(diameter):
+    model = threshold_model(diameter=20.0)
+    image = discs(diameter, 600, int(diameter * 2.5))
+    estimate = estimate_diameter(model, image, threshold=0.5, device="cpu")
+    assert estimate == pytest.approx(diameter, rel=0.15)
+
+
+def test_diameter_needs_a_model_that_knows_its_size():
+    model = threshold_model(diameter=None)
+    with pytest.raises(ValueError, match="diameter: this model records no training object diameter"):
+        segment(model, np.zeros((64, 64), np.float32), diameter="auto", device="cpu")
+    with pytest.raises(ValueError, match="diameter: expected a positive number"):
+        segment(threshold_model(), np.zeros((64, 64), np.float32), diameter=-3, device="cpu")

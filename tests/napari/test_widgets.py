@@ -313,3 +313,25 @@ def test_docking_the_widgets_and_opening_a_sample_leaves_torch_unimported():
 def test_the_tile_tooltip_names_the_models_smallest_tile(viewer, model_file):
     widget = segment_widget(viewer, model_file)
     assert "at least 44 px" in widget._tile.tooltip    # depth 2: 4 px of output + 40 of margin
+
+
+def test_object_diameter_defaults_to_auto_for_models_that_know_their_size(viewer, tmp_path, qtbot,
+                                                                            monkeypatch, errors):
+    shown = []
+    monkeypatch.setattr(segment_module, "show_info", shown.append)
+    sized = save_model(make_model(depth=2, base_channels=4, seed=3), tmp_path / "sized.safetensors",
+                       metadata={"diameter": 14.0})
+    plain = save_model(make_model(depth=2, base_channels=4, seed=3), tmp_path / "plain.safetensors")
+    viewer.add_image(touching_blobs(0, size=96)[0], name="blobs")
+    widget = segment_widget(viewer, plain)
+    assert widget._diameter.value == "none"
+    widget.select_model(sized)
+    assert widget._diameter.value == "auto"
+    widget._diameter.value = "28"
+    widget.start()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60000)
+    assert not errors and viewer.layers["blobs labels"].data.shape == (96, 96)
+    assert "object diameter 28 px" in shown[-1]
+    widget._diameter.value = "-2"
+    widget.start()
+    assert errors and "object diameter: expected a positive number" in errors[-1]

@@ -54,6 +54,9 @@ class SegmentWidget(Container):
         self._tile = LineEdit(label="tile size", value="auto", tooltip="input tile in pixels, or auto")
         self._batch = LineEdit(label="batch", value="auto", tooltip="tiles per forward pass, or auto")
         self._threshold = FloatSpinBox(label="threshold", value=0.5, min=0.0, max=0.99, step=0.05)
+        self._diameter = LineEdit(label="object diameter", value="auto",
+                                  tooltip="typical object diameter in px, auto (estimated from the "
+                                          "first plane) or none (segment the image as it is)")
         self._min_size = SpinBox(label="min object size", value=0, min=0, max=10**7,
                                  tooltip="objects with fewer pixels are removed")
         self._probabilities = CheckBox(text="add a probability layer too")
@@ -62,7 +65,8 @@ class SegmentWidget(Container):
         self._run = PushButton(text="Segment")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self.extend([self._image, self._channel_axis, self._model, self._model_file, self._device,
-                     self._tile, self._batch, self._threshold, self._min_size, self._probabilities,
+                     self._tile, self._batch, self._diameter, self._threshold, self._min_size,
+                     self._probabilities,
                      self._scope, self._keep, self._run, self._cancel])
         self._image.changed.connect(lambda *_: self._channel_axis.reset_choices())
         self._model.changed.connect(self._on_model_changed)
@@ -127,6 +131,8 @@ class SegmentWidget(Container):
         except (ValueError, FileNotFoundError):
             return   # reported when Segment is pressed
         metadata = header["metadata"]
+        # a model that records no training diameter cannot rescale: segment as it is
+        self._diameter.value = "auto" if metadata.get("diameter") else "none"
         self._tile.tooltip = _tile_tooltip(header["config"])
         recommended = metadata.get("postprocess") or {}
         self._threshold.value = recommended.get("threshold", 0.5)
@@ -163,6 +169,7 @@ class SegmentWidget(Container):
         return SegmentJob(
             layer=layer, name=layer.name, data=data, channel_axis=axis, model_path=model_path,
             options={"tile": positive_or_auto("tile size", self._tile.value),
+                     "diameter": diameter_setting(self._diameter.value),
                      "batch": positive_or_auto("batch", self._batch.value),
                      "device": self._device.value},
             threshold=float(self._threshold.value), min_size=int(self._min_size.value),
@@ -185,13 +192,14 @@ class SegmentWidget(Container):
         elif result is None:
             show_info(f"Segmentation of {job.name!r} cancelled; nothing was added")
         elif job.layer in self._viewer.layers:
-            labels, probability, count = result
+            labels, probability, count, diameter = result
             self._show_labels(job, labels)
             if probability is not None:
                 self._viewer.add_image(probability, name=f"{job.name} probability",
                                        colormap="magma", blending="additive",
                                        **job.placement.layer_kwargs())
-            show_info(f"{job.name}: {count} objects")
+            size = "" if diameter is None else f" (object diameter {diameter:.0f} px)"
+            show_info(f"{job.name}: {count} objects{size}")
 
     def _on_finished(self) -> None:
         self._viewer.layers.events.removed.disconnect(self._on_layer_removed)
@@ -260,7 +268,7 @@ def _segment(job: SegmentJob):
         return Failure(str(error))
     planes, probability = {}, _allocate(shape, np.float32, lazy, "probability") if job.probabilities else None
     labels = _allocate(shape, np.uint32, True, "labels") if lazy else None
-    count = 0
+    count, event = 0, None
     for event in events:
         if event.stopped:
             return None
@@ -273,7 +281,22 @@ def _segment(job: SegmentJob):
             else:
                 planes[plane.lead] = plane.labels
         yield event
-    return (labels if lazy else _stacked(planes, shape)), probability, count
+    diameter = event.diameter if event is not None else None
+    return (labels if lazy else _stacked(planes, shape)), probability, count, diameter
+
+
+def diameter_setting(text: str):
+    """The diameter field: "auto", "none" (None) or a positive number of pixels."""
+    text = str(text).strip().lower()
+    if text in ("auto", "none", ""):
+        return None if text in ("none", "") else "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"object diameter: expected a positive number of pixels, auto or none, got {text!r}")
+    return value
 
 
 def _stacked(planes: dict, shape):

@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     segment.add_argument("--min-size", type=int,
                          help="drop smaller objects, in pixels (default: the model's recommendation, else 0)")
     segment.add_argument("--channel-axis", type=int, help="channel axis when the file's metadata has none")
+    segment.add_argument("--series", type=int, help="image series to read from a file that holds several")
     segment.add_argument("--diameter", type=_diameter,
                          help="typical object diameter in px, or auto (estimated from the first "
                               "plane): planes are segmented where objects match the model's "
@@ -88,7 +89,7 @@ def _segment(args) -> int:
 
     outputs = _checked_outputs(args)
     postprocess_options(None, args.threshold, args.min_size)  # given values are checked first
-    image = read_tiff(args.input, name="input")
+    image = read_tiff(args.input, name="input", series=args.series)
     channel_axis = image.channel_axis if args.channel_axis is None else args.channel_axis
     if channel_axis is not None and -len(image.shape) <= channel_axis < len(image.shape):
         channel_axis %= len(image.shape)  # out-of-range values are reported by predict

@@ -159,3 +159,30 @@ def test_partials_of_dead_processes_are_cleaned_and_live_ones_kept(tmp_path):
         path.write_bytes(b"x")
     assert remove_stale_partials(tmp_path / "labels.tif") == [stale]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name])
+
+
+def test_a_pyramid_is_read_at_full_resolution(tmp_path):
+    import tifffile
+
+    image = np.arange(64 * 80, dtype=np.uint16).reshape(64, 80)
+    path = tmp_path / "pyramid.ome.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, subifds=1, tile=(32, 32), compression="zlib", metadata={"axes": "YX"})
+        tif.write(image[::2, ::2], subfiletype=1, tile=(32, 32), compression="zlib")
+    lazy = read_tiff(path)
+    assert lazy.shape == (64, 80) and np.array_equal(np.asarray(lazy.data), image)
+
+
+def test_several_series_need_a_choice_and_the_choice_is_read(tmp_path):
+    import tifffile
+
+    path = tmp_path / "two.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.zeros((10, 12), np.uint8), metadata=None)
+        tif.write(np.ones((20, 30), np.uint8), metadata=None)
+    with pytest.raises(ValueError, match=r"holds 2 image series \(0: \(10, 12\) YX, 1: \(20, 30\) YX\); choose one with --series N"):
+        read_tiff(path)
+    second = read_tiff(path, series=1)
+    assert second.shape == (20, 30) and int(np.asarray(second.data).min()) == 1
+    with pytest.raises(ValueError, match=r"series: expected an index in \[0, 1\]"):
+        read_tiff(path, series=2)

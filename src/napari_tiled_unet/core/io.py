@@ -46,14 +46,19 @@ class LazyImage:
         return np.dtype(self.data.dtype)
 
 
-def read_tiff(path, name: str = "input") -> LazyImage:
-    """Open the first series of a TIFF file lazily and check it is complete.
+def read_tiff(path, name: str = "input", series: int | None = None) -> LazyImage:
+    """Open one image series of a TIFF file lazily (its full-resolution level) and check it is
+    complete.
 
     Parameters
     ----------
     path : str or Path
     name : str
         Parameter name used in error messages.
+    series : int, optional
+        Which series of a file that holds several (OME multi-series, pages of different shapes).
+        Required then: reading one silently would leave the rest out. Pyramids (OME SubIFDs)
+        are read at level 0.
 
     Raises
     ------
@@ -75,18 +80,19 @@ def read_tiff(path, name: str = "input") -> LazyImage:
         raise ValueError(f"{name}: expected a TIFF file, got {path} (starts with {magic!r})")
     try:
         with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            axes, shape = series.axes, series.shape
-            _check_complete(series, path, name)
-            contiguous = series.dataoffset is not None
+            index = _series_index(tif.series, series, path, name)
+            chosen = tif.series[index]
+            axes, shape = chosen.axes, chosen.shape
+            _check_complete(chosen, path, name)
+            contiguous = chosen.dataoffset is not None
     except Exception as error:  # tifffile raises many types for damaged files
         if isinstance(error, ValueError) and str(error).startswith(f"{name}:"):
             raise
         raise ValueError(f"{name}: TIFF file is truncated or damaged: {path} ({error})") from None
     if contiguous:
-        data = tifffile.memmap(path, series=0, mode="r")
+        data = tifffile.memmap(path, series=index, mode="r")
     else:
-        data = _zarr_view(path)
+        data = _zarr_view(path, index)
     return _yx_last(data.reshape(shape) if data.shape != shape else data, axes, path, name)
 
 
@@ -106,12 +112,26 @@ def _check_complete(series, path, name):
         )
 
 
-def _zarr_view(path):
+def _series_index(all_series, series, path, name) -> int:
+    count = len(all_series)
+    if series is None:
+        if count > 1:
+            shapes = ", ".join(f"{i}: {tuple(s.shape)} {s.axes}" for i, s in enumerate(all_series[:6]))
+            raise ValueError(f"{name}: {path} holds {count} image series ({shapes}"
+                             f"{', ...' if count > 6 else ''}); choose one with --series N")
+        return 0
+    if isinstance(series, bool) or not isinstance(series, int) or not 0 <= series < count:
+        raise ValueError(f"series: expected an index in [0, {count - 1}] for {path}, got {series!r}")
+    return series
+
+
+def _zarr_view(path, series: int = 0):
     import dask.array as da
     import tifffile
     import zarr
 
-    store = tifffile.imread(path, aszarr=True, series=0)
+    # level 0: a pyramid's full resolution (its store would otherwise be a multiscale group)
+    store = tifffile.imread(path, aszarr=True, series=series, level=0)
     return da.from_zarr(zarr.open(store, mode="r"))
 
 

@@ -311,3 +311,31 @@ def test_measure_writes_a_table_of_every_object_of_every_plane(tmp_path, model_f
     assert np.allclose([float(r["mean_intensity"]) for r in first], expected["mean_intensity"])
     assert np.allclose([float(r["centroid-1"]) for r in first], expected["centroid-1"])
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_link_z_gives_one_id_per_nucleus_through_a_z_stack(tmp_path, model_file):
+    from napari_tiled_unet.core.modelfile import load_model
+    from napari_tiled_unet.core.postprocess import ZLinker
+    from napari_tiled_unet.core.predict import predict_array
+    from .synthetic import touching_blobs
+
+    plane = touching_blobs(5, size=96, pairs=1, singles=3)[0]
+    stack = np.stack([plane, np.roll(plane, 1, axis=1), np.roll(plane, 2, axis=1)])
+    path = tmp_path / "z.tif"
+    tifffile.imwrite(path, stack, metadata={"axes": "ZYX"})
+    model = load_model(model_file)
+    threshold = round(float(np.quantile(predict_array(model, stack), 0.8)), 6)
+    out = tmp_path / "linked.tif"
+    assert cli.main(["segment", str(path), "-o", str(out), "--model", str(model_file), "--quiet",
+                     "--link-z", "0.5", "--threshold", f"{threshold:.6f}"]) == 0
+    linked = tifffile.imread(out)
+    from napari_tiled_unet.core.segment import segment
+
+    linker = ZLinker(0.5)
+    expected = [linker.link(p.labels) for e in segment(model, stack, threshold=threshold)
+                for p in e.planes]
+    assert np.array_equal(linked, np.stack(expected)) and linked.max() > 0
+    flat = tmp_path / "t.tif"
+    tifffile.imwrite(flat, stack, metadata={"axes": "TYX"})
+    assert cli.main(["segment", str(flat), "-o", str(tmp_path / "x.tif"), "--model",
+                     str(model_file), "--link-z", "0.5"]) == 2

@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="drop smaller objects, in pixels (default: the model's recommendation, else 0)")
     segment.add_argument("--channel-axis", type=int, help="channel axis when the file's metadata has none")
     segment.add_argument("--series", type=int, help="image series to read from a file that holds several")
+    segment.add_argument("--link-z", type=float, metavar="IOU",
+                         help="link objects across Z into 3D ids: an object continues one in the "
+                              "plane before it that it overlaps with at least this IoU (e.g. 0.5)")
     segment.add_argument("--diameter", type=_diameter,
                          help="typical object diameter in px, or auto (estimated from the first "
                               "plane): planes are segmented where objects match the model's "
@@ -93,6 +96,9 @@ def _segment(args) -> int:
     channel_axis = image.channel_axis if args.channel_axis is None else args.channel_axis
     if channel_axis is not None and -len(image.shape) <= channel_axis < len(image.shape):
         channel_axis %= len(image.shape)  # out-of-range values are reported by predict
+    axes = "".join(a for i, a in enumerate(image.axes) if i != channel_axis)
+    shape = tuple(n for i, n in enumerate(image.shape) if i != channel_axis)
+    linker = _z_linker(args.link_z, axes)
     model = load_model(_model_path(args.model))
     stop = _StopFlag()
     events = segment(
@@ -105,16 +111,15 @@ def _segment(args) -> int:
     counts: list[int] = []
     table = _MeasurementTable(outputs[-1], image.data, channel_axis) if args.measure else None
 
-    def on_plane(plane):
+    def on_plane(plane, labels):
         if table is not None:
-            table.add(plane)
+            table.add(plane, labels)
         release_mapped_pages(image.data)
 
-    rows = _plane_rows(events, args.quiet, counts, on_plane=on_plane)
-    axes = "".join(a for i, a in enumerate(image.axes) if i != channel_axis)
-    shape = tuple(n for i, n in enumerate(image.shape) if i != channel_axis)
+    rows = _plane_rows(events, args.quiet, counts, on_plane=on_plane, linker=linker)
     # Labels compress many times over, which matters when their dtype must be wide.
-    targets = [(outputs[0], shape, _labels_dtype(shape, min_size), axes, True)]
+    planes = int(np.prod(shape[:-2], dtype=np.int64)) if linker else 1
+    targets = [(outputs[0], shape, _labels_dtype(shape, min_size, planes), axes, True)]
     if args.probabilities:
         targets.append((outputs[1], shape, np.float32, axes, False))
     try:
@@ -128,8 +133,12 @@ def _segment(args) -> int:
             table.close()
     if table is not None:
         table.commit()
-    print(f"{args.output}: {sum(counts)} objects in {len(counts)} plane(s)"
-          f"{' (ids restart at 1 in each plane)' if len(counts) > 1 else ''}")
+    if linker is not None:
+        print(f"{args.output}: {linker.next_id - 1} objects linked across {len(counts)} plane(s) "
+              f"({sum(counts)} in the planes)")
+    else:
+        print(f"{args.output}: {sum(counts)} objects in {len(counts)} plane(s)"
+              f"{' (ids restart at 1 in each plane)' if len(counts) > 1 else ''}")
     return 0
 
 
@@ -180,13 +189,28 @@ def _model_path(path: Path | None) -> Path:
     return DEFAULT_MODEL
 
 
-def _labels_dtype(shape, min_size) -> np.dtype:
+def _labels_dtype(shape, min_size, planes: int = 1) -> np.dtype:
     from .core.postprocess import labels_dtype
 
     # The file's dtype is fixed before the first plane is labelled: bound the id count by the
-    # number of disjoint objects of at least min_size pixels that fit in a plane.
+    # number of disjoint objects of at least min_size pixels that fit in a plane (in every
+    # plane, when ids run through the stack).
     height, width = shape[-2:]
-    return labels_dtype(height * width // max(min_size, 1))
+    return labels_dtype(planes * (height * width // max(min_size, 1)))
+
+
+def _z_linker(min_iou, axes: str):
+    from .core.postprocess import ZLinker
+
+    if min_iou is None:
+        return None
+    if len(axes) < 3 or axes[-3] != "Z":
+        raise UsageError(f"--link-z: expected a stack whose plane axis just before Y, X is Z, "
+                         f"got axes {axes!r}")
+    try:
+        return ZLinker(min_iou)
+    except ValueError as error:
+        raise UsageError(f"--link-z: {str(error).split(': ', 1)[1]}") from None
 
 
 def _diameter(text: str):
@@ -201,8 +225,9 @@ def _diameter(text: str):
     return value
 
 
-def _plane_rows(events, quiet, counts, on_plane):
-    """Drain the segment step; yield (labels, probability) for each plane, in order."""
+def _plane_rows(events, quiet, counts, on_plane, linker=None):
+    """Drain the segment step; yield (labels, probability) for each plane, in order (labels
+    linked across Z by ``linker`` when given)."""
     bar = _ProgressBar(quiet)
     told = False
     try:
@@ -214,8 +239,11 @@ def _plane_rows(events, quiet, counts, on_plane):
             bar.update(event)
             for plane in event.planes:
                 counts.append(plane.count)
-                on_plane(plane)
-                yield plane.labels, plane.probability
+                labels = plane.labels
+                if linker is not None:
+                    labels = linker.link(labels, new_stack=plane.lead[-1] == 0)
+                on_plane(plane, labels)
+                yield labels, plane.probability
     finally:
         bar.close()
 
@@ -233,10 +261,10 @@ class _MeasurementTable:
         self.writer = None
         self.csv = csv
 
-    def add(self, plane) -> None:
+    def add(self, plane, labels) -> None:
         from .core.measure import measure_plane
 
-        columns = measure_plane(plane.labels, self._intensity(plane.lead))
+        columns = measure_plane(labels, self._intensity(plane.lead))
         if self.writer is None:
             self.writer = self.csv.DictWriter(self.handle, fieldnames=["plane", *columns])
             self.writer.writeheader()

@@ -47,3 +47,26 @@ def test_options_come_from_the_caller_then_the_model_then_the_defaults():
     assert postprocess_options(None, None, 3) == (0.5, 3)
     with pytest.raises(ValueError, match="threshold: expected a number in"):
         postprocess_options(recommended, 1.5)
+
+
+def test_z_linking_gives_one_id_per_object_through_the_stack():
+    from napari_tiled_unet.core.postprocess import ZLinker
+
+    stack = np.zeros((4, 20, 20), np.uint32)
+    stack[0:3, 2:8, 2:8] = 1          # a nucleus in planes 0-2
+    stack[1:4, 10:16, 10:16] = 2      # another in planes 1-3 (id 2 from plane 1 on)
+    stack[1, 10:16, 10:16] = 1        # ... labelled 1 in plane 1, where it is the first object
+    stack[1, 2:8, 2:8] = 2
+    stack[3, 2:4, 2:4] = 1            # a small new object where the first one was
+    linker = ZLinker(0.5)
+    linked = np.stack([linker.link(plane) for plane in stack])
+    assert len({int(v) for v in linked[0:3, 4, 4]}) == 1             # first nucleus: one id
+    assert len({int(v) for v in linked[1:4, 12, 12]}) == 1           # second nucleus: one id
+    assert linked[0, 4, 4] != linked[1, 12, 12]
+    assert linked[3, 2, 2] not in (linked[0, 4, 4], linked[1, 12, 12])   # IoU 4/36: new
+    assert sorted(np.unique(linked)) == [0, 1, 2, 3]
+    restarted = ZLinker(0.5)
+    restarted.link(stack[0])
+    assert restarted.link(stack[0], new_stack=True)[4, 4] == 2       # a new Z series: new ids
+    with pytest.raises(ValueError, match=r"link_z: expected an IoU in \(0, 1\]"):
+        ZLinker(0)

@@ -188,3 +188,62 @@ def choose_postprocess(probabilities, truths, thresholds=THRESHOLDS, min_sizes=M
                 best = {"threshold": threshold, "min_size": min_size, "ap50": score,
                         "planes": len(scores)}
     return best
+
+
+class ZLinker:
+    """Link 2D objects across consecutive planes of a Z stack into 3D ids (like cellpose's
+    ``stitch_threshold``): an object takes the id of the object in the plane before it that it
+    overlaps with the highest IoU, at least ``min_iou``, one to one (best pairs first);
+    others get new ids. Planes are fed in order; memory holds the previous plane.
+
+    Parameters
+    ----------
+    min_iou : float
+        In (0, 1].
+    """
+
+    def __init__(self, min_iou: float):
+        if isinstance(min_iou, bool) or not isinstance(min_iou, (int, float)) or not 0 < min_iou <= 1:
+            raise ValueError(f"link_z: expected an IoU in (0, 1], got {min_iou!r}")
+        self.min_iou = float(min_iou)
+        self.previous: np.ndarray | None = None
+        self.next_id = 1
+
+    def link(self, labels: np.ndarray, new_stack: bool = False) -> np.ndarray:
+        """Ids of ``labels`` (one plane, ids 1..N) made consistent with the previous plane's;
+        ``new_stack`` starts a new Z series (no link to the plane before).
+
+        Returns
+        -------
+        numpy.ndarray of uint64, shape (Y, X)
+        """
+        count = int(labels.max())
+        mapping = np.zeros(count + 1, np.uint64)
+        if self.previous is not None and not new_stack and count:
+            for current, previous in self._matches(labels):
+                mapping[current] = previous
+        unmatched = np.flatnonzero(mapping[1:] == 0) + 1
+        mapping[unmatched] = np.arange(self.next_id, self.next_id + len(unmatched), dtype=np.uint64)
+        self.next_id += len(unmatched)
+        linked = mapping[labels]
+        self.previous = linked
+        return linked
+
+    def _matches(self, labels):
+        both = (labels > 0) & (self.previous > 0)
+        pairs, overlap = np.unique(np.stack([labels[both].astype(np.uint64), self.previous[both]]),
+                                   axis=1, return_counts=True)
+        current_ids, current_area = np.unique(labels[labels > 0], return_counts=True)
+        previous_ids, previous_area = np.unique(self.previous[self.previous > 0], return_counts=True)
+        union = (current_area[np.searchsorted(current_ids, pairs[0])]
+                 + previous_area[np.searchsorted(previous_ids, pairs[1])] - overlap)
+        iou = overlap / union
+        used_current, used_previous = set(), set()
+        for index in np.argsort(-iou, kind="stable"):
+            if iou[index] < self.min_iou:
+                break
+            current, previous = int(pairs[0, index]), int(pairs[1, index])
+            if current not in used_current and previous not in used_previous:
+                used_current.add(current)
+                used_previous.add(previous)
+                yield current, previous

@@ -233,9 +233,35 @@ def test_train_never_replaces_one_of_its_inputs(tmp_path, capsys):
     assert image.read_bytes() == before
 
 
-def test_a_folder_as_input_says_so(tmp_path, capsys):
-    assert cli.main(["segment", str(tmp_path), "-o", str(tmp_path / "l.tif")]) == 2
-    assert "is a folder; expected a TIFF file" in capsys.readouterr().err
+def test_a_folder_without_tiffs_as_input_says_so(tmp_path, capsys):
+    assert cli.main(["segment", str(tmp_path), "-o", str(tmp_path / "out")]) == 2
+    assert "holds no .tif or .tiff file" in capsys.readouterr().err
+
+
+def test_a_folder_is_segmented_into_a_folder_with_the_model_loaded_once(tmp_path, model_file,
+                                                                        monkeypatch, capsys):
+    from napari_tiled_unet.core import modelfile
+
+    (tmp_path / "in").mkdir()
+    images, _ = annotated_files(tmp_path / "in", seeds=range(3), size=64)
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    loads = []
+    real = modelfile.load_model
+    monkeypatch.setattr(modelfile, "load_model", lambda path: loads.append(path) or real(path))
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(tmp_path / "in"), "-o", str(out), "--model", str(model_file),
+                     "--quiet"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["img0_labels.tif", "img1_labels.tif", "img2_labels.tif",
+                     "lab0_labels.tif", "lab1_labels.tif", "lab2_labels.tif"]
+    assert len(loads) == 1
+    single = tmp_path / "single.tif"
+    assert cli.main(["segment", str(images[1]), "-o", str(single), "--model", str(model_file),
+                     "--quiet"]) == 0
+    assert np.array_equal(tifffile.imread(out / "img1_labels.tif"), tifffile.imread(single))
+    assert cli.main(["segment", str(images[0]), str(images[1]), "-o", str(single),
+                     "--model", str(model_file)]) == 2
+    assert "expected a folder" in capsys.readouterr().err
 
 
 def test_version_and_a_torch_free_info(model_file, capsys):

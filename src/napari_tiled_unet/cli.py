@@ -48,8 +48,11 @@ def _parser() -> argparse.ArgumentParser:
         "segment", help="segment a TIFF image or stack into instance labels",
         description="Segment a TIFF image or stack (any size; read and written plane by plane).",
     )
-    segment.add_argument("input", type=Path, help="input TIFF (2D, stack, multichannel)")
-    segment.add_argument("-o", "--output", type=Path, required=True, help="labels TIFF to write")
+    segment.add_argument("input", type=Path, nargs="+",
+                         help="input TIFF (2D, stack, multichannel); several, or a folder of TIFFs, "
+                              "with -o a folder")
+    segment.add_argument("-o", "--output", type=Path, required=True,
+                         help="labels TIFF to write (a folder for several inputs: NAME_labels.tif)")
     segment.add_argument("--model", type=Path, help="model file (default: the bundled model)")
     segment.add_argument("--probabilities", type=Path, help="also write foreground probabilities")
     segment.add_argument("--measure", action="store_true",
@@ -84,22 +87,68 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _segment(args) -> int:
-    from .core.io import IncompleteWrite, read_tiff, release_mapped_pages, write_tiff_streams
+    """One input, or a batch (several inputs or folders into an output folder): everything is
+    checked before any work, and the model is loaded once."""
+    from .core.io import read_tiff
     from .core.modelfile import load_model
+    from .core.postprocess import postprocess_options
+
+    jobs = _segment_jobs(args)
+    postprocess_options(None, args.threshold, args.min_size)  # given values are checked first
+    images = [read_tiff(job.input, name="input", series=job.series) for job in jobs]
+    outputs = [_checked_outputs(job) for job in jobs]
+    for job, image in zip(jobs, images):
+        _z_linker(job.link_z, _plane_axes(image, job))
+    model = load_model(_model_path(args.model))
+    for job, image, output in zip(jobs, images, outputs):
+        code = _segment_file(job, image, output, model)
+        if code != 0:
+            return code
+    return 0
+
+
+def _segment_jobs(args) -> list:
+    """One namespace per input file: ``input`` and ``output`` set."""
+    from argparse import Namespace
+
+    if len(args.input) == 1 and not args.input[0].is_dir():
+        return [Namespace(**{**vars(args), "input": args.input[0]})]
+    files = []
+    for path in args.input:
+        found = sorted(p for p in path.iterdir() if p.suffix.lower() in TIFF_SUFFIXES) if path.is_dir() else [path]
+        if path.is_dir() and not found:
+            raise UsageError(f"input: folder {path} holds no .tif or .tiff file")
+        files += found
+    if args.output.exists() and not args.output.is_dir():
+        raise UsageError(f"--output: with several inputs, expected a folder, got the file {args.output}")
+    if args.probabilities:
+        raise UsageError("--probabilities: write probabilities one input at a time")
+    if len({f.stem for f in files}) != len(files):
+        raise UsageError("input: two inputs share a name; their outputs would collide")
+    args.output.mkdir(parents=True, exist_ok=True)
+    return [Namespace(**{**vars(args), "input": f, "output": args.output / f"{f.stem}_labels.tif"})
+            for f in files]
+
+
+def _plane_axes(image, args) -> str:
+    channel_axis = image.channel_axis if args.channel_axis is None else args.channel_axis
+    if channel_axis is not None and -len(image.shape) <= channel_axis < len(image.shape):
+        channel_axis %= len(image.shape)
+    return "".join(a for i, a in enumerate(image.axes) if i != channel_axis)
+
+
+def _segment_file(args, image, outputs, model) -> int:
+    from .core.io import IncompleteWrite, release_mapped_pages, write_tiff_streams
     from .core.postprocess import postprocess_options
     from .core.predict import positive_or_auto
     from .core.segment import segment
 
-    outputs = _checked_outputs(args)
-    postprocess_options(None, args.threshold, args.min_size)  # given values are checked first
-    image = read_tiff(args.input, name="input", series=args.series)
     channel_axis = image.channel_axis if args.channel_axis is None else args.channel_axis
     if channel_axis is not None and -len(image.shape) <= channel_axis < len(image.shape):
         channel_axis %= len(image.shape)  # out-of-range values are reported by predict
     axes = "".join(a for i, a in enumerate(image.axes) if i != channel_axis)
     shape = tuple(n for i, n in enumerate(image.shape) if i != channel_axis)
     linker = _z_linker(args.link_z, axes)
-    model = load_model(_model_path(args.model))
     stop = _StopFlag()
     events = segment(
         model, image.data, channel_axis=channel_axis, threshold=args.threshold,

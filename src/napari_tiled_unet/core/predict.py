@@ -365,7 +365,7 @@ class _Job:
         self._complete_planes, written = start, {}
         done = start * per_plane
         compile = self.compile if self.compile != "auto" else total >= COMPILE_MIN_TILES
-        runner = _Runner(self.model, self.device, self.precision, self.output, plan, compile)
+        runner = _Runner(self.model, self.device, self.precision, self.output, compile)
         reader = _Reader(self, plan, leads[start:], start, ahead=2 * self.batch + 2,
                          prepare=None if runner.cuda else runner.host_input)
         items = reader.items()
@@ -412,8 +412,7 @@ class _Runner:
     overlap the previous one's compute.
     """
 
-    def __init__(self, model, device, precision: str, output: str, plan: TilePlan,
-                 compile: bool = False):
+    def __init__(self, model, device, precision: str, output: str, compile: bool = False):
         import torch
 
         self.torch = torch

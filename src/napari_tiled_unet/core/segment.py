@@ -9,7 +9,6 @@ and handed to the caller in plane order.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator

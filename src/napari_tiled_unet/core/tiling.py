@@ -175,19 +175,3 @@ def plan_tiles(shape: tuple[int, int], tile: int | tuple[int, int], model_geomet
     return TilePlan(
         plan_axis(shape[0], tile_y, model_geometry), plan_axis(shape[1], tile_x, model_geometry)
     )
-
-
-def read_tile(plane, tile: Tile) -> np.ndarray:
-    """Read one tile's mirrored input from ``plane`` (array-like, shape (C, Y, X)).
-
-    Only the bounding box of the needed source pixels is read with basic slicing, so memmaps,
-    zarr and dask arrays are read tile by tile.
-
-    Returns
-    -------
-    numpy.ndarray, shape (C, tile rows, tile cols)
-    """
-    y0, y1 = int(tile.rows.min()), int(tile.rows.max()) + 1
-    x0, x1 = int(tile.cols.min()), int(tile.cols.max()) + 1
-    block = np.asarray(plane[:, y0:y1, x0:x1])
-    return block[:, (tile.rows - y0)[:, None], (tile.cols - x0)[None, :]]

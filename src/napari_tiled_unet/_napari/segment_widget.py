@@ -251,7 +251,8 @@ def _allocate(shape, dtype, lazy: bool, name: str):
 @thread_worker
 def _segment(job: SegmentJob):
     """Worker: drains the core segment step, yielding its events; returns (labels,
-    probability or None, object count), None when cancelled, or a Failure."""
+    probability or None, object count, object diameter or None), None when cancelled, or a
+    Failure."""
     from ..core.modelfile import load_model
     from ..core.segment import segment
 

@@ -355,7 +355,8 @@ class _ProgressBar:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=event.total, unit="tile", file=sys.stderr)
+            # the first batch arrives all at once: counting it would show a huge first rate
+            self.bar = tqdm(total=event.total, initial=event.done, unit="tile", file=sys.stderr)
         self.bar.total = event.total
         self.bar.n = event.done
         self.bar.set_postfix_str(f"plane {event.planes_done}/{event.planes_total}", refresh=True)

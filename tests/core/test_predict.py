@@ -60,6 +60,7 @@ def bad(image=None, **options):
     (bad(np.zeros((5, 5), complex)), "image: expected a real numeric dtype"),
     (bad(np.array([[1.0, np.nan], [0.0, 1.0]], np.float32)), "NaN or Inf"),
     (bad(np.array([[1.0, np.inf], [0.0, 1.0]])), "NaN or Inf"),
+    (bad(np.array([[1.0, 1e39], [0.0, 1.0]])), "image: values beyond the float32 range"),
     (bad(np.zeros((3, 30, 30), np.float32), channel_axis=0, in_channels=2), "expects 2 input channel"),
     (bad(in_channels=2), "expects 2 input channel"),
     (bad(np.zeros((3, 30, 30)), channel_axis=2), "channel_axis: the last two axes"),
@@ -161,3 +162,12 @@ def test_a_tile_below_the_smallest_is_raised_with_a_warning(rng):
     with pytest.warns(UserWarning, match=f"tile: 10 px is below this model's smallest tile \\({smallest_tile(model)} px\\)"):
         result = predict_array(model, image, tile=10)
     assert np.abs(result - predict_array(model, image, tile=smallest_tile(model))).max() <= 1e-6
+
+
+def test_lazy_float64_beyond_float32_is_an_error_not_nan_probabilities():
+    import dask.array as da
+
+    image = np.zeros((2, 40, 40))
+    image[1, 5, 5] = 1e39
+    with pytest.raises(ValueError, match="image: values beyond the float32 range"):
+        predict_array(make_model(depth=2), da.from_array(image, chunks=(1, 40, 40)))

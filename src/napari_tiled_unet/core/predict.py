@@ -277,8 +277,10 @@ class _Reader:
         raw = np.ascontiguousarray(view[(slice(None),) + source.box])
         if not raw.flags.writeable:   # a read-only memmap: torch wants memory of its own
             raw = raw.copy()
-        if self.check_finite and not np.isfinite(raw).all():
-            raise ValueError(f"image: contains NaN or Inf values (plane {lead})")
+        if self.check_finite:
+            if not np.isfinite(raw).all():
+                raise ValueError(f"image: contains NaN or Inf values (plane {lead})")
+            _check_float32_range(raw)
         item = _Item(index, lead, source, raw, stats)
         if self.prepare is not None:
             # The plane's statistics task was queued before its tiles, so it is running or done.
@@ -675,6 +677,14 @@ def check_image(image) -> None:
         for plane in image.reshape((-1,) + image.shape[-2:]):
             if not np.isfinite(plane).all():
                 raise ValueError("image: expected finite values, got NaN or Inf")
+            _check_float32_range(plane)
+
+
+def _check_float32_range(values: np.ndarray) -> None:
+    # the network computes in float32 (or less): larger values would become inf, then NaN
+    if values.dtype.itemsize > 4 and values.size and np.abs(values).max() > np.finfo(np.float32).max:
+        raise ValueError(f"image: values beyond the float32 range (largest magnitude "
+                         f"{np.abs(values).max():.3g}); rescale the image first")
 
 
 def _check_channels(model, image, channel_axis):

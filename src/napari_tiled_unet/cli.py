@@ -321,10 +321,10 @@ class _MeasurementTable:
             self.writer.writerow({"plane": plane.index, **dict(zip(columns, row))})
 
     def _intensity(self, lead):
-        key, lead = [], list(lead)
-        for axis in range(len(self.data.shape) - 2):
-            key.append(slice(None) if axis == self.channel_axis else lead.pop(0))
-        return np.asarray(self.data[tuple(key)])
+        from .core.predict import PlaneView
+
+        plane = np.asarray(PlaneView(self.data, lead, self.channel_axis)[:, :, :])
+        return plane if self.channel_axis is not None else plane[0]
 
     def close(self) -> None:
         if not self.handle.closed:

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import csv
-import os
-from pathlib import Path
-
 import numpy as np
-
-COLUMNS = ("label", "area", "centroid-0", "centroid-1", "bbox-0", "bbox-1", "bbox-2", "bbox-3")
 
 
 def measure_plane(labels: np.ndarray, intensity: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -36,18 +30,3 @@ def measure_plane(labels: np.ndarray, intensity: np.ndarray | None = None) -> di
         properties.append("intensity_mean")
     table = regionprops_table(np.asarray(labels), intensity_image=image, properties=properties)
     return {name.replace("intensity_mean", "mean_intensity"): values for name, values in table.items()}
-
-
-def write_csv(path, rows: list[dict], fieldnames: list[str]) -> Path:
-    """Write ``rows`` (dicts) as CSV atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

@@ -179,8 +179,9 @@ def _normalised_axis(axis, ndim):
     return int(axis) % ndim
 
 
-class _PlaneView:
-    """One plane of the input as a lazily indexed (C, Y, X) array."""
+class PlaneView:
+    """One plane of an image (..., [C,] ..., Y, X) as a lazily indexed (C, Y, X) array: ``lead``
+    indexes every axis before Y, X but ``channel_axis`` (C is 1 without one)."""
 
     def __init__(self, image, lead: tuple[int, ...], channel_axis: int | None):
         self.image = image
@@ -268,7 +269,7 @@ class _Reader:
 
     def _submissions(self):
         for index, lead in self.order:
-            view = _PlaneView(self.job.image, lead, self.job.channel_axis)
+            view = PlaneView(self.job.image, lead, self.job.channel_axis)
             stats = self.pool.submit(self.job.normalization.plane_stats, view)
             for source in self.sources:
                 yield self.pool.submit(self._read, index, lead, view, source, stats)

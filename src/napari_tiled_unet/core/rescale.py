@@ -17,6 +17,13 @@ import numpy as np
 SMALLEST_FACTOR, LARGEST_FACTOR = 1 / 8, 8.0
 
 
+def check_factor(factor: float) -> None:
+    """Raise ValueError unless ``factor`` is within [1/8, 8]."""
+    if not (SMALLEST_FACTOR <= factor <= LARGEST_FACTOR):
+        raise ValueError(f"diameter: the scale factor must be within [{SMALLEST_FACTOR}, "
+                         f"{LARGEST_FACTOR}], got {factor:.3g}")
+
+
 def working_shape(length: int, factor: float) -> int:
     """Pixels along an axis of ``length`` pixels at the working scale."""
     return max(1, int(round(length * factor)))
@@ -43,9 +50,7 @@ class Rescaled:
     """
 
     def __init__(self, image, factor: float):
-        if not (SMALLEST_FACTOR <= factor <= LARGEST_FACTOR):
-            raise ValueError(f"diameter: the scale factor must be within [{SMALLEST_FACTOR}, "
-                             f"{LARGEST_FACTOR}], got {factor:.3g}")
+        check_factor(factor)
         self.image, self.factor = image, float(factor)
         self.source_shape = tuple(image.shape)
         self.shape = self.source_shape[:-2] + tuple(working_shape(n, factor) for n in self.source_shape[-2:])

@@ -17,7 +17,8 @@ import numpy as np
 
 from .normalize import Normalization
 from .postprocess import decode_plane, postprocess_options
-from .rescale import LARGEST_FACTOR, SMALLEST_FACTOR, Rescaled, back_to_original, factor_for
+from .rescale import (LARGEST_FACTOR, SMALLEST_FACTOR, Rescaled, back_to_original, check_factor,
+                      factor_for)
 from .targets import engine_output
 
 
@@ -161,7 +162,7 @@ def _working_scale(model, image, channel_axis, diameter, threshold, min_size, en
     factor = factor_for(model_diameter, diameter)
     if abs(factor - 1.0) <= _SAME_SIZE:
         return float(diameter), 1.0
-    Rescaled(image, factor)   # checks the factor's range before work
+    check_factor(factor)
     return float(diameter), factor
 
 
@@ -189,10 +190,10 @@ def estimate_diameter(model, image, channel_axis=None, threshold=0.5, min_size=0
     plane = _first_plane_window(image, channel_axis)
     model_diameter = (getattr(model, "metadata", None) or {}).get("diameter")
     if not model_diameter:
-        return _measured(model, plane, channel_axis, 1.0, threshold, min_size, engine)
+        return _measured(model, plane, 1.0, threshold, min_size, engine)
     candidates = []
     for factor in _SEARCH_FACTORS:
-        found = _measured(model, plane, channel_axis, factor, threshold, min_size, engine)
+        found = _measured(model, plane, factor, threshold, min_size, engine)
         if found is not None and _COMFORT[0] <= found * factor / model_diameter <= _COMFORT[1]:
             candidates.append(found)
     if not candidates:
@@ -201,31 +202,36 @@ def estimate_diameter(model, image, channel_axis=None, threshold=0.5, min_size=0
     # the largest consistent estimate is the objects themselves
     estimate = max(candidates)
     factor = min(max(model_diameter / estimate, SMALLEST_FACTOR), LARGEST_FACTOR)
-    return _measured(model, plane, channel_axis, factor, threshold, min_size, engine) or estimate
+    return _measured(model, plane, factor, threshold, min_size, engine) or estimate
 
 
-def _measured(model, plane, channel_axis, factor, threshold, min_size, engine) -> float | None:
-    """Median object diameter, in the plane's own px, of a pass at ``factor``."""
+def _measured(model, plane, factor, threshold, min_size, engine) -> float | None:
+    """Median object diameter, in the plane's own px, of a pass over ``plane`` (C, y, x) at
+    ``factor``."""
     from .metrics import median_diameter
     from .predict import predict_array
 
     working = plane if factor == 1.0 else Rescaled(plane, factor)
     if min(working.shape[-2:]) < 16:
         return None
-    maps = predict_array(model, working, channel_axis=0 if channel_axis is not None else None,
+    maps = predict_array(model, working, channel_axis=0,
                          output=engine_output(model.config.n_classes), **engine)
     found = median_diameter([decode_plane(maps, threshold, min_size)])
     return found / factor if found else None
 
 
-def _first_plane_window(image, channel_axis):
-    key = []
-    for axis in range(len(image.shape) - 2):
-        key.append(slice(None) if axis == channel_axis else 0)
-    height, width = image.shape[-2:]
-    rows = slice(max(0, (height - _ESTIMATE_WINDOW) // 2), max(0, (height - _ESTIMATE_WINDOW) // 2) + _ESTIMATE_WINDOW)
-    cols = slice(max(0, (width - _ESTIMATE_WINDOW) // 2), max(0, (width - _ESTIMATE_WINDOW) // 2) + _ESTIMATE_WINDOW)
-    return np.asarray(image[tuple(key) + (rows, cols)])
+def _first_plane_window(image, channel_axis) -> np.ndarray:
+    """The centred window (at most 1024 px a side) of the first plane, shape (C, y, x)."""
+    from .predict import PlaneView, leading_shape
+
+    plane = PlaneView(image, (0,) * len(leading_shape(tuple(image.shape), channel_axis)), channel_axis)
+    rows, cols = (_centred(n, _ESTIMATE_WINDOW) for n in image.shape[-2:])
+    return np.asarray(plane[:, rows, cols])
+
+
+def _centred(length: int, size: int) -> slice:
+    start = max(0, (length - size) // 2)
+    return slice(start, start + size)
 
 
 class _Labeller:

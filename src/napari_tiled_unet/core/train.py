@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -167,7 +168,7 @@ class _Session:
     should_stop: Callable[[], bool]
     resumed: dict | None = None
 
-    @property
+    @cached_property
     def diameter(self) -> float:
         """Median equivalent diameter (px) of the training objects: the model's object size.
         A fine-tuned model keeps its parent's, which its weights were tuned to."""

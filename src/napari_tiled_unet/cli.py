@@ -52,9 +52,12 @@ def _parser() -> argparse.ArgumentParser:
                          help="input TIFF (2D, stack, multichannel); several, or a folder of TIFFs, "
                               "with -o a folder")
     segment.add_argument("-o", "--output", type=Path, required=True,
-                         help="labels TIFF to write (a folder for several inputs: NAME_labels.tif)")
+                         help="labels TIFF to write (a folder for several inputs: NAME_labels.tif), "
+                              "or an OME-Zarr store (OUT.zarr: block-wise on a Dask cluster)")
     segment.add_argument("--model", type=Path, help="model file (default: the bundled model)")
-    segment.add_argument("--probabilities", type=Path, help="also write foreground probabilities")
+    segment.add_argument("--probabilities", type=Path, nargs="?", const=True,
+                         help="also write foreground probabilities: a TIFF path, or no value "
+                              "with a .zarr output (stored in it)")
     segment.add_argument("--measure", action="store_true",
                          help="also write a CSV of the objects beside the labels (LABELS.csv): "
                               "plane, label, area, centroid, bounding box, mean intensity")
@@ -77,6 +80,16 @@ def _parser() -> argparse.ArgumentParser:
                               "training size, labels mapped back (default: the image as it is)")
     segment.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
+    cluster = segment.add_argument_group(
+        "cluster (with a .zarr output)",
+        "Block-wise segmentation on Dask workers; rerunning the same command resumes.")
+    where = cluster.add_mutually_exclusive_group()
+    where.add_argument("--cluster", metavar="local:N",
+                       help="start a local Dask cluster of N worker processes (default local:1)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="use a running Dask scheduler, e.g. tcp://HOST:8786")
+    cluster.add_argument("--block", type=int, default=None,
+                         help="block (= zarr chunk) size in px (default 1024)")
     segment.set_defaults(run=_segment)
     _add_train_parser(commands)
     _add_tune_parser(commands).set_defaults(run=_tune)
@@ -93,6 +106,13 @@ def _segment(args) -> int:
     from .core.modelfile import load_model
     from .core.postprocess import postprocess_options
 
+    if args.output.suffix.lower() == ".zarr":
+        return _segment_on_cluster(args)
+    if args.cluster or args.scheduler or args.block is not None:
+        raise UsageError("--cluster, --scheduler and --block: expected a .zarr output "
+                         f"(-o OUT.zarr), got {args.output}")
+    if args.probabilities is True:
+        raise UsageError("--probabilities: expected a TIFF path for a TIFF output")
     jobs = _segment_jobs(args)
     postprocess_options(None, args.threshold, args.min_size)  # given values are checked first
     images = [read_tiff(job.input, name="input", series=job.series) for job in jobs]
@@ -105,6 +125,130 @@ def _segment(args) -> int:
         if code != 0:
             return code
     return 0
+
+
+def _segment_on_cluster(args) -> int:
+    """``-o OUT.zarr``: everything checked, the cluster reached, then the blocks run."""
+    from .core import distributed
+    from .core.modelfile import load_model
+    from .core.predict import positive_or_auto
+
+    _refuse_for_zarr(args)
+    model_path = _model_path(args.model)
+    _check_store_path(args.output, [args.input[0], model_path])
+    model = load_model(model_path)
+    try:
+        job = distributed.plan_job(
+            model_path, args.input[0], args.output, model=model, series=args.series,
+            channel_axis=args.channel_axis, block=distributed.DEFAULT_BLOCK if args.block is None else args.block,
+            threshold=args.threshold, min_size=args.min_size, probabilities=bool(args.probabilities),
+            tile=positive_or_auto("--tile", args.tile), batch=positive_or_auto("--batch", args.batch),
+            device=args.device, precision=args.precision)
+    except ValueError as error:
+        raise UsageError(_as_option(str(error))) from None
+    stop = _StopFlag()
+    with _dask_client(args) as client, stop.installed():
+        try:
+            events = distributed.segment_on_cluster(job, client, overwrite=args.overwrite, should_stop=stop)
+        except ValueError as error:
+            raise UsageError(_as_option(str(error))) from None
+        if client.dashboard_link and not args.quiet:
+            print(f"tiled-unet segment: Dask dashboard at {client.dashboard_link}", file=sys.stderr)
+        last = _drain_cluster(events, args.quiet)
+    if last.stopped:
+        print(f"tiled-unet segment: stopped after {last.done} of {last.total} blocks; rerun the "
+              f"same command to resume", file=sys.stderr)
+        return stop.exit_code
+    resumed = f" ({last.skipped} blocks done by an earlier run)" if last.skipped else ""
+    print(f"{args.output}: {last.objects} objects in {last.total} blocks{resumed}")
+    return 0
+
+
+def _check_store_path(path: Path, inputs) -> None:
+    """A store's folder may exist (a rerun resumes it; the core checks whose it is)."""
+    import os
+
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--output: {path} is a file; expected a .zarr store (a folder)")
+    for source in inputs:
+        if path.exists() and os.path.samefile(path, source):
+            raise UsageError(f"--output: {path} is one of this run's inputs; choose another output")
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        raise UsageError(f"--output: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--output: folder {folder} is not writable")
+
+
+def _refuse_for_zarr(args) -> None:
+    if len(args.input) != 1 or args.input[0].is_dir():
+        raise UsageError("input: a .zarr output takes one input image")
+    for option, value in (("--diameter", args.diameter), ("--link-z", args.link_z),
+                          ("--measure", args.measure or None)):
+        if value is not None:
+            raise UsageError(f"{option}: not available with a .zarr output; write a TIFF")
+    if args.probabilities not in (None, True):
+        raise UsageError("--probabilities: with a .zarr output they are stored in it; pass the "
+                         "flag without a path")
+
+
+def _as_option(message: str) -> str:
+    option = {"block": "--block", "output": "--output", "input": "input", "model": "--model",
+              "channel_axis": "--channel-axis", "tile": "--tile", "batch": "--batch"}
+    name, _, rest = message.partition(": ")
+    return f"{option[name]}: {rest}" if name in option and rest else message
+
+
+@contextlib.contextmanager
+def _dask_client(args):
+    """A client of the scheduler asked for, or of a new local cluster (closed afterwards)."""
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise UsageError("--cluster: needs dask.distributed and dask-image: "
+                         "pip install 'napari-tiled-unet[cluster]'") from None
+    if args.scheduler:
+        try:
+            client = Client(args.scheduler, timeout=_CONNECT_TIMEOUT_S)
+        except (OSError, ValueError, TimeoutError) as error:
+            raise UsageError(f"--scheduler: cannot reach {args.scheduler} ({error})") from None
+        with client:
+            yield client
+        return
+    workers = _local_workers(args.cluster or "local:1")
+    import os
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=":0", env={"OMP_NUM_THREADS": str(threads)}) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+def _local_workers(text: str) -> int:
+    kind, _, count = text.partition(":")
+    if kind != "local" or not count.isdigit() or int(count) < 1:
+        raise UsageError(f"--cluster: expected local:N with N a positive integer, got {text!r}")
+    return int(count)
+
+
+def _drain_cluster(events, quiet):
+    from tqdm import tqdm
+
+    bar, last = None, None
+    try:
+        for last in events:
+            if quiet:
+                continue
+            if bar is None:
+                bar = tqdm(total=last.total, initial=last.done, unit="block", file=sys.stderr)
+            bar.n = last.done
+            stage = {"blocks": "predicting", "merge": "merging labels"}.get(last.stage, last.stage)
+            bar.set_postfix_str(stage, refresh=True)
+    finally:
+        if bar is not None:
+            bar.close()
+    return last
 
 
 def _segment_jobs(args) -> list:
@@ -192,6 +336,7 @@ def _segment_file(args, image, outputs, model) -> int:
 
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+_CONNECT_TIMEOUT_S = 5
 
 
 def _checked_outputs(args) -> list[Path]:

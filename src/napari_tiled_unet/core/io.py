@@ -96,6 +96,39 @@ def read_tiff(path, name: str = "input", series: int | None = None) -> LazyImage
     return _yx_last(data.reshape(shape) if data.shape != shape else data, axes, path, name)
 
 
+def open_image(path, name: str = "input", series: int | None = None) -> LazyImage:
+    """Open a TIFF (:func:`read_tiff`), a zarr array or an OME-Zarr image lazily.
+
+    An OME-Zarr image group is read at its first (full-resolution) dataset, with the axis
+    names and the channel axis of its metadata; a bare zarr array has axes ``...YX``.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".zarr":
+        return read_tiff(path, name=name, series=series)
+    if not path.exists():
+        raise FileNotFoundError(f"{name}: no such store: {path}")
+    import dask.array as da
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as error:  # noqa: BLE001 - zarr raises several types for what is not a store
+        raise ValueError(f"{name}: {path} is not a readable zarr store ({error})") from None
+    axes = None
+    if isinstance(node, zarr.Group):
+        multiscales = node.attrs.get("multiscales")
+        if not multiscales:
+            raise ValueError(f"{name}: {path} is a zarr group without OME-NGFF 'multiscales' "
+                             f"metadata; give the path of an array or an image")
+        image = multiscales[0]
+        node = node[image["datasets"][0]["path"]]
+        axes = "".join("C" if a.get("type") == "channel" else a["name"][0].upper()
+                       for a in image.get("axes", []))
+    if axes is None or len(axes) != node.ndim:
+        axes = "Q" * (node.ndim - 2) + "YX"
+    return _yx_last(da.from_zarr(node), axes, path, name)
+
+
 def _check_complete(series, path, name):
     size = path.stat().st_size
     end = series.dataoffset + series.nbytes if series.dataoffset is not None else 0

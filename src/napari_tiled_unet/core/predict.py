@@ -68,6 +68,7 @@ def predict(
     normalization: Normalization | None = None,
     should_stop: Callable[[], bool] | None = None,
     compile: bool | str = "auto",
+    region: tuple[slice, slice] | None = None,
 ) -> Iterator[Progress]:
     """Predict ``image`` tile by tile into ``out``; returns a generator of :class:`Progress`.
 
@@ -106,6 +107,11 @@ def predict(
         Run the network through ``torch.compile`` (compiled once per tile shape; any compiler
         failure falls back to the plain network). "auto": on CUDA for runs of at least
         ``COMPILE_MIN_TILES`` tiles, where the compile time pays off.
+    region : (slice, slice), optional
+        Predict only this (Y, X) block of every plane; ``out`` then has the block's size in
+        place of (Y, X). Only the block and its context are read, mirrored at the image's own
+        borders only, so the result equals the same block of a whole-plane pass. Starts must
+        be multiples of the model's pooling step (``model.size_step``).
 
     Returns
     -------
@@ -113,7 +119,7 @@ def predict(
     """
     job = _Job.checked(
         model, image, out, channel_axis, output, tile, batch, device, precision,
-        normalization, should_stop, compile,
+        normalization, should_stop, compile, region,
     )
     return job.run()
 
@@ -192,6 +198,8 @@ class PlaneView:
         self.has_channels = channel_axis is not None
         channels = image.shape[channel_axis] if self.has_channels else 1
         self.shape = (channels,) + tuple(image.shape[-2:])
+        self.dtype = np.dtype(image.dtype)
+        self.ndim = 3
 
     def __getitem__(self, key):
         _, rows, cols = key
@@ -309,12 +317,13 @@ class _Job:
     normalization: Normalization
     should_stop: Callable[[], bool]
     compile: bool | str = False
+    region: tuple[slice, slice] | None = None
     # Planes (in C order) whose every tile is written: where an out-of-memory retry resumes.
     _complete_planes: int = field(default=0, init=False)
 
     @classmethod
     def checked(cls, model, image, out, channel_axis, output, tile, batch, device, precision,
-                normalization, should_stop, compile):
+                normalization, should_stop, compile, region=None):
         check_image(image)
         channel_axis = _normalised_axis(channel_axis, image.ndim)
         if channel_axis is not None and channel_axis >= image.ndim - 2:
@@ -325,7 +334,8 @@ class _Job:
         _check_channels(model, image, channel_axis)
         if output not in OUTPUTS:
             raise ValueError(f"output: expected one of {OUTPUTS}, got {output!r}")
-        _check_out(out, _expected_out_shape(model, image, channel_axis, output))
+        region = _checked_region(region, tuple(image.shape[-2:]), model.size_step)
+        _check_out(out, _expected_out_shape(model, image, channel_axis, output, region))
         _check_tile(tile)
         _warn_if_below_smallest(tile, model)
         torch_device = resolve_device(device)
@@ -337,7 +347,7 @@ class _Job:
         compile = _resolve_compile(compile, torch_device)
         norm = normalization or getattr(model, "normalization", None) or Normalization("none")
         return cls(model, image, out, channel_axis, output, tile, int(batch), torch_device,
-                   precision, norm, should_stop or (lambda: False), compile)
+                   precision, norm, should_stop or (lambda: False), compile, region)
 
     @property
     def leads(self) -> list[tuple[int, ...]]:
@@ -354,7 +364,8 @@ class _Job:
         first_incomplete = 0
         with _exact_fp32(self.device, self.precision):
             while True:
-                plan = _balanced_plan(self.image.shape[-2:], tile, self.model, self.tile == "auto")
+                plan = _balanced_plan(self.image.shape[-2:], tile, self.model, self.tile == "auto",
+                                      self.region)
                 try:
                     yield from self._run_planes(plan, leads, first_incomplete)
                     return
@@ -699,10 +710,28 @@ def _check_channels(model, image, channel_axis):
         )
 
 
-def _expected_out_shape(model, image, channel_axis, output):
+def _expected_out_shape(model, image, channel_axis, output, region=None):
     leading = leading_shape(tuple(image.shape), channel_axis)
     classes = (model.config.n_classes,) if output == "classes" else ()
-    return leading + classes + tuple(image.shape[-2:])
+    plane = tuple(image.shape[-2:]) if region is None else tuple(s.stop - s.start for s in region)
+    return leading + classes + plane
+
+
+def _checked_region(region, plane: tuple[int, int], step: int) -> tuple[slice, slice] | None:
+    """``region`` as two slices with explicit bounds inside ``plane``, starts on the pooling grid."""
+    if region is None:
+        return None
+    if not (isinstance(region, tuple) and len(region) == 2 and all(isinstance(s, slice) for s in region)):
+        raise ValueError(f"region: expected a (Y, X) pair of slices, got {region!r}")
+    bounds = []
+    for axis, (part, length) in enumerate(zip(region, plane)):
+        start, stop, stride = part.indices(length)
+        if stride != 1 or stop <= start or start % step:
+            raise ValueError(f"region: expected non-empty slices without step, starting at multiples "
+                             f"of the model's pooling step {step}, got {part} on axis {axis} "
+                             f"({length} px)")
+        bounds.append(slice(start, stop))
+    return tuple(bounds)
 
 
 def _check_out(out, expected):
@@ -816,13 +845,14 @@ def _measured_bytes_per_pixel(model, device, precision) -> float:
     return max(peak, 1) / size**2
 
 
-def _balanced_plan(shape, tile, model, balance: bool) -> TilePlan:
+def _balanced_plan(shape, tile, model, balance: bool, region=None) -> TilePlan:
     """Plan tiles; with ``balance``, shrink each axis's tile to the smallest one that needs no
     more tiles than the largest allowed (less overhang past the image, less wasted compute)."""
     if not balance:
-        return plan_tiles(tuple(shape), tile, model)
+        return plan_tiles(tuple(shape), tile, model, region)
     sizes = []
-    for length in shape:
+    lengths = shape if region is None else [s.stop - s.start for s in region]
+    for length in lengths:
         largest = plan_axis(length, tile, model)
         count, size = len(largest.positions), largest.input_size
         while size > model.legal_input_size(1):
@@ -831,7 +861,7 @@ def _balanced_plan(shape, tile, model, balance: bool) -> TilePlan:
                 break
             size = smaller.input_size
         sizes.append(size)
-    return plan_tiles(tuple(shape), tuple(sizes), model)
+    return plan_tiles(tuple(shape), tuple(sizes), model, region)
 
 
 def _smaller_tile(plan: TilePlan, model) -> tuple[int, int]:

@@ -9,7 +9,7 @@ needed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 
 import numpy as np
@@ -72,6 +72,10 @@ class AxisPlan:
     crop : int
         Offset of the output tile inside the network's output: 0 for valid models, ``context``
         for same-padded ones (whose output is as large as their input).
+    offset : int
+        Where the planned range starts in the source axis (0 unless only a block is planned).
+    source_length : int
+        Pixels of the source axis, where mirroring happens (``length`` unless a block).
     """
 
     length: int
@@ -80,15 +84,33 @@ class AxisPlan:
     input_size: int
     context: int
     crop: int
+    offset: int = 0
+    source_length: int = 0
+
+    def source_indices(self, position: int) -> np.ndarray:
+        """Mirrored source indices read by the tile whose output starts at ``position``."""
+        return mirror_indices(self.offset + position - self.context, self.input_size,
+                              self.source_length or self.length)
 
 
-def plan_axis(length: int, input_size: int, model_geometry) -> AxisPlan:
+def plan_axis(length: int, input_size: int, model_geometry, span: tuple[int, int] | None = None) -> AxisPlan:
     """Plan tiles of at most ``input_size`` input pixels covering ``length`` pixels.
 
     ``model_geometry`` answers ``output_size(s)``, ``legal_input_size(o)``, ``size_step``,
     ``context`` and ``margin`` (a :class:`~napari_tiled_unet.core.model.UNet` does). A tile
     larger than needed for the whole axis is shrunk to the smallest legal one that covers it.
+
+    ``span=(start, stop)`` plans only that range of the axis (a block): tiles read the
+    surrounding pixels as context and mirror only at the axis's own borders, so the block's
+    output equals the same range of a whole-axis pass. ``start`` must be on the pooling grid.
     """
+    if span is not None:
+        start, stop = span
+        if start % model_geometry.size_step or not 0 <= start < stop <= length:
+            raise ValueError(f"block: expected 0 <= start < stop <= {length} with start a multiple "
+                             f"of {model_geometry.size_step}, got {start}:{stop}")
+        block = plan_axis(stop - start, input_size, model_geometry)
+        return replace(block, offset=start, source_length=length)
     step = model_geometry.size_step
     context = model_geometry.context
     # A tile must predict at least one pooling step so that consecutive tiles can advance.
@@ -157,11 +179,8 @@ class TilePlan:
         for py, px in product(self.y.positions, self.x.positions):
             out_y, crop_y = _write_window(self.y, py)
             out_x, crop_x = _write_window(self.x, px)
-            yield Tile(
-                mirror_indices(py - self.y.context, self.y.input_size, self.y.length),
-                mirror_indices(px - self.x.context, self.x.input_size, self.x.length),
-                out_y, out_x, crop_y, crop_x,
-            )
+            yield Tile(self.y.source_indices(py), self.x.source_indices(px),
+                       out_y, out_x, crop_y, crop_x)
 
 
 def _write_window(axis: AxisPlan, position: int) -> tuple[slice, slice]:
@@ -169,9 +188,12 @@ def _write_window(axis: AxisPlan, position: int) -> tuple[slice, slice]:
     return slice(position, stop), slice(axis.crop, axis.crop + stop - position)
 
 
-def plan_tiles(shape: tuple[int, int], tile: int | tuple[int, int], model_geometry) -> TilePlan:
-    """Plan overlap tiles for a plane of ``shape`` (Y, X) with input tiles of about ``tile``."""
+def plan_tiles(shape: tuple[int, int], tile: int | tuple[int, int], model_geometry,
+               region: tuple[slice, slice] | None = None) -> TilePlan:
+    """Plan overlap tiles for a plane of ``shape`` (Y, X) with input tiles of about ``tile``;
+    with ``region`` (a (Y, X) pair of slices), for that block of the plane only (output
+    coordinates then count from the block's corner)."""
     tile_y, tile_x = (tile, tile) if np.isscalar(tile) else tile
-    return TilePlan(
-        plan_axis(shape[0], tile_y, model_geometry), plan_axis(shape[1], tile_x, model_geometry)
-    )
+    spans = (None, None) if region is None else [(s.start, s.stop) for s in region]
+    return TilePlan(plan_axis(shape[0], tile_y, model_geometry, spans[0]),
+                    plan_axis(shape[1], tile_x, model_geometry, spans[1]))

@@ -205,8 +205,7 @@ def _dask_client(args):
     try:
         from distributed import Client, LocalCluster
     except ImportError:
-        raise UsageError("--cluster: needs dask.distributed and dask-image: "
-                         "pip install 'napari-tiled-unet[cluster]'") from None
+        raise UsageError("--cluster: needs dask.distributed: pip install 'napari-tiled-unet[cluster]'") from None
     if args.scheduler:
         try:
             client = Client(args.scheduler, timeout=_CONNECT_TIMEOUT_S)

@@ -19,7 +19,6 @@ from napari_tiled_unet.core.segment import segment
 from tests.conftest import make_model
 
 pytest.importorskip("distributed")
-pytest.importorskip("dask_image")
 
 BLOCK = 48   # the test model's smallest tile is 44 px: blocks smaller than its objects
 
@@ -122,7 +121,7 @@ def test_a_stopped_run_resumes_without_redoing_finished_blocks(case, client, tmp
 
     first = list(distributed.segment_on_cluster(job, client, should_stop=stop_after_five))
     assert first[-1].stopped and first[-1].stage == "blocks"
-    finished = len(list((tmp_path / "out.zarr" / ".work" / "done").glob("*.json")))
+    finished = len(list((tmp_path / "out.zarr" / ".work" / "done").glob("*.npz")))
     assert 5 <= finished < 32
     with pytest.raises(ValueError, match="unfinished"):
         distributed.open_store(tmp_path / "out.zarr")
@@ -228,3 +227,26 @@ def test_napari_reader_opens_a_finished_store_and_nothing_else(case, client, tmp
     np.testing.assert_allclose(layers[0][0].compute(), case[3], atol=1e-6, rtol=0)
     _assert_same_labels(layers[1][0].compute(), case[4])
     assert get_reader(str(tmp_path)) is None
+
+
+def test_the_merge_joins_objects_that_touch_only_at_block_corners(client, tmp_path):
+    """Blocks labelled apart, then merged: equal to an 8-connected labelling of the plane,
+    for diagonal and anti-diagonal touches across the corner of four blocks."""
+    foreground = np.zeros((96, 96), bool)
+    foreground[47, 40:48] = foreground[48, 48:56] = True          # diagonal touch
+    foreground[40:48, 48] = foreground[48:56, 47] = True          # anti-diagonal touch
+    foreground[10:20, 40:60] = True                               # a plain cut object
+    foreground[70, 70] = True                                     # below min_size
+    job = distributed.ClusterJob("m", "i", str(tmp_path / "out.zarr"), None, None, (1, 96, 96),
+                                 "ZYX", (48, 48), 0.5, 2, False)
+    distributed.prepare_store(job)
+    for block in job.blocks():
+        local = ndimage.label(foreground[block.box], structure=np.ones((3, 3), bool))[0].astype(np.uint32)
+        distributed._store_array(job, ".work/local")[block.lead + block.box] = local
+        distributed._write_npz(distributed._marker(job, block), count=int(local.max()),
+                               sizes=np.bincount(local.ravel())[1:], top=local[0], bottom=local[-1],
+                               left=local[:, 0], right=local[:, -1])
+    assert distributed._merge(job, client) == 2
+    reference = ndimage.label(foreground, structure=np.ones((3, 3), bool))[0]
+    reference[70, 70] = 0
+    _assert_same_labels(distributed.open_store(tmp_path / "out.zarr")["labels"].compute(), reference[None])

@@ -171,3 +171,32 @@ def test_lazy_float64_beyond_float32_is_an_error_not_nan_probabilities():
     image[1, 5, 5] = 1e39
     with pytest.raises(ValueError, match="image: values beyond the float32 range"):
         predict_array(make_model(depth=2), da.from_array(image, chunks=(1, 40, 40)))
+
+
+@pytest.mark.parametrize(("region", "tile"), [
+    ((slice(0, 44), slice(0, 300)), 60),         # a band at the top border
+    ((slice(96, 200), slice(160, 310)), 64),     # inside, reaching the right border
+    ((slice(4, 8), slice(296, 310)), "auto"),    # a tiny block
+])
+def test_a_region_equals_the_same_block_of_a_whole_plane_pass(region, tile, rng):
+    """Only the block and its context are read, mirrored at the image's own borders: the same
+    numbers as the whole plane, cropped (a block's own mirroring would differ)."""
+    model = make_model(depth=2, base_channels=4)
+    image = rng.integers(0, 255, (2, 230, 310), np.uint8)
+    whole = predict_array(model, image, normalization=Normalization())
+    out = np.zeros((2, region[0].stop - region[0].start, region[1].stop - region[1].start), np.float32)
+    for _ in predict(model, image, out, normalization=Normalization(), region=region, tile=tile):
+        pass
+    np.testing.assert_allclose(out, whole[(slice(None), *region)], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("region", "match"), [
+    ((slice(2, 50), slice(0, 50)), "starting at multiples of the model's pooling step 4"),
+    ((slice(0, 50, 2), slice(0, 50)), "without step"),
+    ((slice(40, 40), slice(0, 50)), "non-empty"),
+    ([slice(0, 8), slice(0, 8)], "a \\(Y, X\\) pair of slices"),
+])
+def test_a_bad_region_is_refused_before_work(region, match):
+    model = make_model()
+    with pytest.raises(ValueError, match=f"region: .*{match}"):
+        predict(model, np.zeros((64, 64), np.float32), np.zeros((8, 8), np.float32), region=region)

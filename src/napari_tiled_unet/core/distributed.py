@@ -4,9 +4,10 @@ Dask (``dask.distributed``) schedules; we only cut the work into blocks. Each bl
 predicts one output chunk of one plane with the overlap-tile engine (reading the block plus
 the model's context, mirrored at the image's own borders only, so the probabilities equal a
 whole-image pass), labels its foreground and records itself as done in the store. Object ids
-are then made global by dask-image's block merge: labels that touch across block faces are
-joined (a connected-components pass over the label adjacency graph), objects smaller than
-``min_size`` are dropped by their merged size, and the final ids are written chunk by chunk.
+are then made global the way dask-image merges block labels: ids that touch across block faces
+are joined (connected components of the label adjacency graph, scipy.sparse.csgraph), objects
+smaller than ``min_size`` are dropped by their merged size, and every block is rewritten with
+its final ids, one task per block.
 
 Output layout (OME-NGFF 0.4, zarr format 2; napari opens it with this plugin's reader or
 napari-ome-zarr)::
@@ -38,9 +39,6 @@ RECORD = "napari-tiled-unet"
 LABELS_NAME = "segmentation"
 DEFAULT_BLOCK = 1024
 _WORK = ".work"
-# Connectivity within a plane only: 8-connected in (Y, X), planes never join.
-_PLANE_STRUCTURE = np.zeros((3, 3, 3), bool)
-_PLANE_STRUCTURE[1] = True
 
 
 @dataclass(frozen=True)
@@ -224,7 +222,7 @@ def prepare_store(job: ClusterJob, overwrite: bool = False) -> int:
             raise ValueError(f"output: {output} exists and is not a napari-tiled-unet store; "
                              f"choose another name or remove it yourself")
         if previous == job.record() and not overwrite:
-            return len(list(_done_folder(output).glob("*.json"))) if not _complete(output) else len(job.blocks())
+            return len(list(_done_folder(output).glob("*.npz"))) if not _complete(output) else len(job.blocks())
         if not overwrite:
             raise ValueError(f"output: {output} holds another run's result; pass --overwrite to "
                              f"replace it, or rerun that run's exact command to resume it")
@@ -317,7 +315,7 @@ def _run(job, client, skipped, should_stop) -> Iterator[ClusterEvent]:
     if _complete(output):
         yield ClusterEvent("done", total, total, skipped=total, objects=_object_count(output))
         return
-    done_names = {p.stem for p in _done_folder(output).glob("*.json")}
+    done_names = {p.stem for p in _done_folder(output).glob("*.npz")}
     todo = [b for b in blocks if b.name not in done_names]
     done = total - len(todo)
     yield ClusterEvent("blocks", done, total, skipped=done)
@@ -386,13 +384,17 @@ def _worker_device(device: str) -> str:
 def _plane_stats(job: ClusterJob, lead: tuple[int, ...]):
     import dask
 
+    from .io import release_mapped_pages
     from .normalize import Normalization
     from .predict import PlaneView
 
     model = _worker_model(job)
     norm = getattr(model, "normalization", None) or Normalization("none")
+    data = _worker_image(job).data
     with dask.config.set(scheduler="synchronous"):
-        return norm.plane_stats(PlaneView(_worker_image(job).data, lead, job.channel_axis))
+        stats = norm.plane_stats(PlaneView(data, lead, job.channel_axis))
+    release_mapped_pages(data)
+    return stats
 
 
 class _KnownStats:
@@ -410,18 +412,28 @@ def _block_task(job: ClusterJob, block: Block, stats) -> int:
     """Predict, label and store one block; record it as done. Returns its object count."""
     import dask
 
-    marker = _done_folder(Path(job.output)) / f"{block.name}.json"
+    from .io import release_mapped_pages
+
+    marker = _marker(job, block)
     if marker.exists():   # a retried task whose first run finished
-        return int(json.loads(marker.read_text())["count"])
+        return int(np.load(marker)["count"])
     # A lazy input is read here, in this task: never as new tasks on the cluster.
     with dask.config.set(scheduler="synchronous"):
         local, probability, sizes = _segmented_block(job, block, stats)
+    release_mapped_pages(_worker_image(job).data)   # a memmapped input's pages: not this worker's memory
     where = block.lead + block.box
     _store_array(job, f"{_WORK}/local")[where] = local
     if job.probabilities:
         _store_array(job, "0")[where] = probability
-    _write_json(marker, {"count": len(sizes), "sizes": sizes.tolist()})
+    # The record holds what the merge needs (sizes, border rows and columns), so the merge
+    # never reads the blocks' labels back; written last and atomically: it marks the block done.
+    _write_npz(marker, count=len(sizes), sizes=sizes, top=local[0], bottom=local[-1],
+               left=local[:, 0], right=local[:, -1])
     return len(sizes)
+
+
+def _marker(job: ClusterJob, block: Block) -> Path:
+    return _done_folder(Path(job.output)) / f"{block.name}.npz"
 
 
 def _segmented_block(job: ClusterJob, block: Block, stats):
@@ -448,10 +460,10 @@ def _store_array(job: ClusterJob, path: str):
     return zarr.open_array(f"{job.output}/{path}", mode="r+", zarr_format=2)
 
 
-def _write_json(path: Path, values: dict) -> None:
+def _write_npz(path: Path, **arrays) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(values, handle)
+    with open(tmp, "wb") as handle:
+        np.savez(handle, **arrays)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -460,58 +472,88 @@ def _write_json(path: Path, values: dict) -> None:
 # ---- merge -------------------------------------------------------------------------------
 
 def _merge(job: ClusterJob, client) -> int:
-    """Global ids: block labels offset to be unique, joined across block faces (dask-image),
-    filtered by merged size, renumbered 1..N and written chunk by chunk."""
-    import dask.array as da
-    from dask_image.ndmeasure._utils._label import (
-        connected_components_delayed,
-        label_adjacency_graph,
-    )
+    """Global ids, the way dask-image merges block labels: block ids offset to be unique, an
+    adjacency graph of the ids that touch across block faces (8-connected, within a plane;
+    one task per plane, from the recorded border strips), its connected components
+    (scipy.sparse.csgraph), then objects under ``min_size`` dropped by their merged size,
+    renumbered 1..N, and every block rewritten (one task each, with its slice of the table)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    output = Path(job.output)
-    counts, sizes = _block_counts(job)
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    total = int(np.sum(counts))
-    if total >= np.iinfo(np.int32).max:
-        raise ValueError(f"{total} block objects exceed the merge's int32 label range; use larger blocks")
-    local = da.from_zarr(_store_array(job, f"{_WORK}/local"))
-    flat = local.reshape((-1,) + local.shape[-2:])   # planes are independent: one plane axis
-    numbered = flat.map_blocks(_offset_block, offsets, flat.numblocks, dtype=np.int32)
-    graph = label_adjacency_graph(numbered, _PLANE_STRUCTURE, total)
-    components = np.asarray(connected_components_delayed(graph).compute())
+    blocks = job.blocks()
+    counts, sizes = _block_counts(job, blocks)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    total = int(offsets[-1])
+    per_plane = len(blocks) // max(1, int(np.prod(job.leading, dtype=np.int64)))
+    edges = client.gather([client.submit(_plane_edges, job, blocks[i:i + per_plane],
+                                         offsets[i:i + per_plane], pure=False)
+                           for i in range(0, len(blocks), per_plane)])
+    pairs = np.concatenate([np.empty((2, 0), np.int64), *edges], axis=1)
+    graph = coo_matrix((np.ones(pairs.shape[1], np.int8), (pairs[0], pairs[1])), shape=(total + 1,) * 2)
+    _, components = connected_components(graph, directed=False)
     merged_sizes = np.bincount(components, weights=np.concatenate([[0], sizes]))
     keep = merged_sizes >= max(job.min_size, 1)
-    keep[components[0]] = False
+    keep[components[0]] = False   # node 0 is the background
     renumber = np.zeros(len(merged_sizes), np.uint32)
     renumber[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
-    lookup = client.scatter(renumber[components], broadcast=True)
-    final = numbered.map_blocks(_looked_up, lookup, dtype=np.uint32).reshape(local.shape)
-    da.store(final, _store_array(job, f"labels/{LABELS_NAME}/0"), lock=False)
+    table = renumber[components]
+    client.gather([client.submit(_relabel_block, job, block,
+                                 np.concatenate([[0], table[offsets[i] + 1:offsets[i + 1] + 1]]),
+                                 pure=False)
+                   for i, block in enumerate(blocks)])
     objects = int(keep.sum())
-    _finish(output, objects)
+    _finish(Path(job.output), objects)
     return objects
 
 
-def _block_counts(job: ClusterJob) -> tuple[np.ndarray, np.ndarray]:
+def _block_counts(job: ClusterJob, blocks) -> tuple[np.ndarray, np.ndarray]:
     """Object counts per block (C order) and every block object's size, in id order."""
-    folder = _done_folder(Path(job.output))
     counts, sizes = [], []
-    for block in job.blocks():
-        record = json.loads((folder / f"{block.name}.json").read_text())
-        counts.append(record["count"])
-        sizes.extend(record["sizes"])
-    return np.asarray(counts, np.int64), np.asarray(sizes, np.int64)
+    for block in blocks:
+        with np.load(_marker(job, block)) as record:
+            counts.append(int(record["count"]))
+            sizes.append(record["sizes"])
+    return np.asarray(counts, np.int64), np.concatenate([np.empty(0, np.int64), *sizes])
 
 
-def _offset_block(block: np.ndarray, offsets: np.ndarray, numblocks, block_info=None) -> np.ndarray:
-    index = np.ravel_multi_index(block_info[0]["chunk-location"], numblocks)
-    numbered = block.astype(np.int32)
-    numbered[block > 0] += np.int32(offsets[index])
-    return numbered
+def _plane_edges(job: ClusterJob, blocks: list[Block], offsets: np.ndarray) -> np.ndarray:
+    """Pairs of global ids (2, M) that touch across the block faces of one plane."""
+    strips = {}
+    for block, offset in zip(blocks, offsets):
+        with np.load(_marker(job, block)) as record:
+            strips[block.box[0].start, block.box[1].start] = {
+                side: np.where(record[side] > 0, record[side].astype(np.int64) + offset, 0)
+                for side in ("top", "bottom", "left", "right")}
+    by, bx = job.block
+    found = [np.empty((2, 0), np.int64)]
+    for (y, x), strip in strips.items():
+        right, below, corner = strips.get((y, x + bx)), strips.get((y + by, x)), strips.get((y + by, x + bx))
+        if right is not None:
+            found.append(_face_pairs(strip["right"], right["left"]))
+        if below is not None:
+            found.append(_face_pairs(strip["bottom"], below["top"]))
+        if corner is not None:   # 8-connectivity: the diagonal neighbour shares one corner
+            found.append(_face_pairs(strip["bottom"][-1:], corner["top"][:1]))
+        before = strips.get((y + by, x - bx))
+        if before is not None:   # and the anti-diagonal one
+            found.append(_face_pairs(strip["bottom"][:1], before["top"][-1:]))
+    return np.unique(np.concatenate(found, axis=1), axis=1)
 
 
-def _looked_up(block: np.ndarray, lookup: np.ndarray) -> np.ndarray:
-    return lookup[block]
+def _face_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Id pairs of 8-connected neighbours across a face: ``a[i]`` touches ``b[i-1..i+1]``."""
+    pairs = [np.stack([a, b])]
+    if len(a) > 1:
+        pairs += [np.stack([a[1:], b[:-1]]), np.stack([a[:-1], b[1:]])]
+    joined = np.concatenate(pairs, axis=1)
+    return joined[:, (joined[0] > 0) & (joined[1] > 0)]
+
+
+def _relabel_block(job: ClusterJob, block: Block, table: np.ndarray) -> None:
+    """Write a block's final ids: ``table[local id]`` (``table`` covers this block's ids)."""
+    where = block.lead + block.box
+    local = np.asarray(_store_array(job, f"{_WORK}/local")[where])
+    _store_array(job, f"labels/{LABELS_NAME}/0")[where] = table[local]
 
 
 def _finish(output: Path, objects: int) -> None:

@@ -1,10 +1,13 @@
-"""Peak memory of `tiled-unet segment` on uint16 TIFF stacks from disk, for two stack sizes.
+"""Peak memory of `tiled-unet segment` on uint16 TIFF stacks from disk, for two stack sizes,
+and on one huge uint8 plane (a whole-slide scan).
 
 Writes synthetic stacks (bright blobs on a noisy background, 2048 x 2048 planes) into a scratch
 folder, segments each with a small model on the CPU in a fresh process, and prints that
-process's peak RSS. Bounded memory means: well under 1 GB, and the same for both sizes.
+process's peak RSS. Bounded memory means: well under 1 GB, and the same for both sizes. The
+huge plane (``--single-plane 20000``: 20000 x 20000) is segmented block by block, as the CLI
+does for planes over ``cli.HUGE_PLANE_PIXELS``, and, for comparison, whole (that path forced).
 
-    python benchmarks/bench_memory.py [--scratch DIR] [--planes 256 512]
+    python benchmarks/bench_memory.py [--scratch DIR] [--planes 256 512] [--single-plane 20000]
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ import numpy as np
 PLANE = (2048, 2048)
 
 CHILD = """
-import json, resource, sys, time
+import json, os, resource, sys, time
+from napari_tiled_unet import cli
 from napari_tiled_unet.cli import main
+if os.environ.get("BENCH_WHOLE_PLANES"):
+    cli.HUGE_PLANE_PIXELS = 1 << 62
 start = time.perf_counter()
 code = main(sys.argv[1:])
 seconds = time.perf_counter() - start
@@ -57,24 +63,48 @@ def write_model(path: Path) -> None:
     save_model(UNet(UNetConfig(depth=2, base_channels=4)), path)
 
 
-def segment(stack: Path, model: Path, out: Path) -> dict:
+def segment(stack: Path, model: Path, out: Path, whole_planes: bool = False) -> dict:
+    import os
+
     args = [str(stack), "-o", str(out), "--model", str(model), "--device", "cpu", "--quiet",
             "--overwrite"]
+    env = {**os.environ, **({"BENCH_WHOLE_PLANES": "1"} if whole_planes else {})}
     result = subprocess.run([sys.executable, "-c", CHILD, "segment", *args], capture_output=True,
-                            text=True, check=True)
+                            text=True, check=True, env=env)
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def huge_plane(folder: Path, side: int) -> None:
+    """One side x side uint8 plane of blobs: block by block (the CLI's path) and whole."""
+    import tifffile
+
+    path = folder / "plane.tif"
+    rows = np.arange(side)[:, None]
+    with tifffile.TiffWriter(path, bigtiff=True) as writer:
+        strips = ((40 + 150 * ((np.sin((rows[y:y + 1024]) / 23.0) * np.sin(np.arange(side) / 29.0))
+                               > 0.6)).astype(np.uint8) for y in range(0, side, 1024))
+        writer.write(np.concatenate(list(strips)), metadata={"axes": "YX"})
+    for label, whole in (("in blocks (default)", False), ("whole plane (forced)", True)):
+        figures = segment(path, folder / "model.safetensors", folder / "labels.tif", whole)
+        if figures["code"] != 0:
+            raise SystemExit(f"segment failed with exit code {figures['code']}")
+        print(f"{f'1 x {side} x {side} uint8':>28} {path.stat().st_size / 1e9:6.2f} "
+              f"{figures['peak_rss'] / 1e6:12.0f} {figures['seconds']:8.1f} "
+              f"{side * side / 1e6 / figures['seconds']:6.1f}   {label}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the stacks")
     parser.add_argument("--planes", type=int, nargs=2, default=[128, 256])
+    parser.add_argument("--single-plane", type=int, nargs="*", default=[12000, 20000],
+                        help="sides of huge planes (none: skip)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.scratch) as folder:
         folder = Path(folder)
         write_model(folder / "model.safetensors")
         print(f"{'stack':>28} {'GB':>6} {'peak RSS MB':>12} {'seconds':>8} {'MP/s':>6}")
-        for planes in args.planes:
+        for planes in [n for n in args.planes if n]:   # 0 skips
             stack = folder / f"stack_{planes}.tif"
             start = time.perf_counter()
             write_stack(stack, planes)
@@ -88,6 +118,8 @@ def main() -> None:
                   f"{figures['peak_rss'] / 1e6:12.0f} {figures['seconds']:8.1f} "
                   f"{megapixels / figures['seconds']:6.1f}   (stack written in {written:.0f} s)")
             stack.unlink()
+        for side in args.single_plane:
+            huge_plane(folder, side)
 
 
 if __name__ == "__main__":

@@ -102,3 +102,56 @@ def test_sigterm_is_reported_with_the_shells_code_and_writes_nothing(tmp_path, m
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 143
     assert not labels.exists() and not list(tmp_path.glob(".*.partial"))
+
+
+def test_huge_planes_are_segmented_in_blocks_with_the_same_result(tmp_path, monkeypatch):
+    """Planes over HUGE_PLANE_PIXELS go through the block-wise path (bounded memory): the same
+    probabilities, and the same objects up to a renumbering, as the whole-plane path; objects
+    cut by the 48 px blocks are joined."""
+    from scipy import ndimage
+
+    from napari_tiled_unet.core import distributed
+    from napari_tiled_unet.core.normalize import Normalization
+    from napari_tiled_unet.core.predict import predict_array
+
+    model = make_model(depth=2, base_channels=4)
+    model.normalization, model.metadata = Normalization(), {}
+    save_model(model, tmp_path / "model.safetensors")
+    rng = np.random.default_rng(3)
+    stack = ndimage.gaussian_filter(rng.random((2, 150, 170)), (0, 5, 5))
+    stack = ((stack - stack.min()) / np.ptp(stack) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "in.tif", stack)
+    threshold = np.percentile(predict_array(model, stack), 60)
+    args = [str(tmp_path / "in.tif"), "--model", str(tmp_path / "model.safetensors"),
+            "--threshold", str(threshold), "--min-size", "20", "--quiet"]
+    assert cli.main(["segment", *args, "-o", str(tmp_path / "whole.tif"),
+                     "--probabilities", str(tmp_path / "whole_p.tif")]) == 0
+    monkeypatch.setattr(cli, "HUGE_PLANE_PIXELS", 100 * 100)
+    monkeypatch.setattr(distributed, "DEFAULT_BLOCK", 48)
+    assert cli.main(["segment", *args, "-o", str(tmp_path / "blocks.tif"),
+                     "--probabilities", str(tmp_path / "blocks_p.tif")]) == 0
+    with tifffile.TiffFile(tmp_path / "blocks.tif") as tif:
+        assert tif.pages[0].is_tiled and tif.series[0].axes == "QYX"
+        blocks = tif.asarray()
+    whole = tifffile.imread(tmp_path / "whole.tif")
+    np.testing.assert_allclose(tifffile.imread(tmp_path / "blocks_p.tif"),
+                               tifffile.imread(tmp_path / "whole_p.tif"), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(blocks > 0, whole > 0)
+    cut = 0
+    for mine, theirs in zip(blocks, whole):
+        pairs = np.unique(np.stack([mine[mine > 0], theirs[theirs > 0]]), axis=1)
+        assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1] > 0
+        cut += sum(any(s.start // 48 != (s.stop - 1) // 48 for s in box)
+                   for box in ndimage.find_objects(theirs) if box is not None)
+    assert cut >= 3
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_huge_planes_refuse_what_needs_whole_planes(tmp_path, model_file, stack_file, monkeypatch,
+                                                    capsys):
+    monkeypatch.setattr(cli, "HUGE_PLANE_PIXELS", 100)
+    code = cli.main(["segment", str(stack_file), "-o", str(tmp_path / "out.tif"), "--model",
+                     str(model_file), "--measure", "--quiet"])
+    assert code == 2
+    assert "--measure: not available for planes over" in capsys.readouterr().err
+    assert not (tmp_path / "out.tif").exists()

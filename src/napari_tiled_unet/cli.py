@@ -180,6 +180,51 @@ def _check_store_path(path: Path, inputs) -> None:
         raise UsageError(f"--output: folder {folder} is not writable")
 
 
+def _segment_in_blocks(args, outputs, model, axes: str) -> int:
+    """A TIFF output of huge planes: the block-wise path of ``-o OUT.zarr`` run in this
+    process into a temporary store, then tiled TIFFs written from it tile by tile."""
+    import os
+    import shutil
+
+    from .core import distributed
+    from .core.io import write_tiff_tiled
+    from .core.postprocess import labels_dtype
+    from .core.predict import positive_or_auto
+
+    for option, value in (("--diameter", args.diameter), ("--link-z", args.link_z),
+                          ("--measure", args.measure or None)):
+        if value is not None:
+            raise UsageError(f"{option}: not available for planes over {HUGE_PLANE_PIXELS // 2**20} Mpx "
+                             f"(segmented block by block to bound memory)")
+    store = outputs[0].with_name(f".{outputs[0].name}.{os.getpid()}.partial.zarr")
+    job = distributed.plan_job(
+        _model_path(args.model), args.input, store, model=model, series=args.series,
+        channel_axis=args.channel_axis, threshold=args.threshold, min_size=args.min_size,
+        probabilities=bool(args.probabilities), tile=positive_or_auto("--tile", args.tile),
+        batch=positive_or_auto("--batch", args.batch), device=args.device, precision=args.precision)
+    stop, executor = _StopFlag(), distributed.InProcess()
+    try:
+        with stop.installed():
+            events = distributed.segment_on_cluster(job, executor, overwrite=True, should_stop=stop)
+            last = _drain_cluster(events, args.quiet)
+            if last.stopped:
+                print("tiled-unet segment: stopped; no output was written", file=sys.stderr)
+                return stop.exit_code
+        arrays = distributed.open_store(store)
+        tile = job.block
+        targets = [(outputs[0], arrays["labels"], labels_dtype(last.objects), axes, True, tile)]
+        if args.probabilities:
+            targets.append((outputs[1], arrays["probabilities"], np.float32, axes, False, tile))
+        write_tiff_tiled(targets, overwrite=args.overwrite)
+    finally:
+        executor.close()
+        shutil.rmtree(store, ignore_errors=True)
+    print(f"{args.output}: {last.objects} objects in {int(np.prod(job.leading, dtype=np.int64))} "
+          f"plane(s) (planes over {HUGE_PLANE_PIXELS // 2**20} Mpx: segmented in blocks; ids "
+          f"unique in the file)")
+    return 0
+
+
 def _refuse_for_zarr(args) -> None:
     if len(args.input) != 1 or args.input[0].is_dir():
         raise UsageError("input: a .zarr output takes one input image")
@@ -291,6 +336,8 @@ def _segment_file(args, image, outputs, model) -> int:
         channel_axis %= len(image.shape)  # out-of-range values are reported by predict
     axes = "".join(a for i, a in enumerate(image.axes) if i != channel_axis)
     shape = tuple(n for i, n in enumerate(image.shape) if i != channel_axis)
+    if shape[-2] * shape[-1] > HUGE_PLANE_PIXELS:
+        return _segment_in_blocks(args, outputs, model, axes)
     linker = _z_linker(args.link_z, axes)
     stop = _StopFlag()
     events = segment(
@@ -335,6 +382,9 @@ def _segment_file(args, image, outputs, model) -> int:
 
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+# Planes larger than this (8192 x 8192) are segmented block by block through a temporary store
+# beside the output, so memory stays bounded by a block (a whole-slide scan is one plane).
+HUGE_PLANE_PIXELS = 1 << 26
 _CONNECT_TIMEOUT_S = 5
 
 

@@ -308,8 +308,6 @@ def segment_on_cluster(job: ClusterJob, client, *, overwrite: bool = False,
 
 
 def _run(job, client, skipped, should_stop) -> Iterator[ClusterEvent]:
-    from distributed import as_completed
-
     blocks, output = job.blocks(), Path(job.output)
     total = len(blocks)
     if _complete(output):
@@ -324,7 +322,7 @@ def _run(job, client, skipped, should_stop) -> Iterator[ClusterEvent]:
              for lead in dict.fromkeys(b.lead for b in todo)}
     futures = [client.submit(_block_task, job, b, stats[b.lead], key=f"block-{b.name}-{run}")
                for b in todo]
-    finished = as_completed(futures)
+    finished = _as_completed(client, futures)
     for future in finished:
         future.result()   # a block that failed on every retry raises here
         done += 1
@@ -336,6 +334,46 @@ def _run(job, client, skipped, should_stop) -> Iterator[ClusterEvent]:
     yield ClusterEvent("merge", done, total, skipped=skipped)
     objects = _merge(job, client)
     yield ClusterEvent("done", done, total, skipped=skipped, objects=objects)
+
+
+class InProcess:
+    """The part of a ``distributed.Client`` that :func:`segment_on_cluster` uses, run on
+    threads of this process: block-wise segmentation of huge planes without a cluster (memory
+    bounded by a block, everything else on disk)."""
+
+    dashboard_link = None
+
+    def __init__(self, workers: int = 1):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="block")
+
+    def submit(self, function, *args, key=None, pure=None):
+        from concurrent.futures import Future
+
+        # Futures given as arguments (a plane's statistics) are waited for, as Dask would.
+        return self.pool.submit(lambda: function(*(a.result() if isinstance(a, Future) else a
+                                                   for a in args)))
+
+    def gather(self, futures):
+        return [future.result() for future in futures]
+
+    def cancel(self, futures) -> None:
+        for future in futures:
+            future.cancel()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _as_completed(client, futures):
+    if isinstance(client, InProcess):
+        from concurrent.futures import as_completed
+
+        return as_completed(futures)
+    from distributed import as_completed
+
+    return as_completed(futures)
 
 
 # ---- worker side -------------------------------------------------------------------------

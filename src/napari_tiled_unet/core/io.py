@@ -287,6 +287,22 @@ class _TiffTarget:
         with open(self.tmp, "rb+") as handle:   # on disk before it takes the name
             os.fsync(handle.fileno())
 
+    def write_tiles(self, tiles, tile: tuple[int, int]) -> None:
+        """Write a tiled TIFF from ``tiles``: arrays of shape ``tile``, plane by plane, in
+        raster order (memory: one tile, for planes of any size)."""
+        import tifffile
+
+        nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        with tifffile.TiffWriter(self.tmp, bigtiff=nbytes >= _BIGTIFF_BYTES) as writer:
+            writer.write(
+                (np.asarray(t, self.dtype) for t in tiles), shape=self.shape, dtype=self.dtype,
+                tile=tile, photometric="minisblack", metadata={"axes": self.axes} if self.axes else {},
+                compression="zlib" if self.compress else None,
+                compressionargs={"level": 1} if self.compress else None,
+            )
+        with open(self.tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+
     def commit(self, replace: bool = True) -> None:
         """Give the written file its name. Without ``replace``, a file that appeared at the
         target during the run (another run, another program) is kept: the name is taken with
@@ -365,6 +381,49 @@ def write_tiff_streams(targets, rows, overwrite: bool = True) -> list[Path]:
             writer.abort()
             writer.target.discard()
     return [writer.target.path for writer in writers]
+
+
+def write_tiff_tiled(targets, overwrite: bool = True) -> list[Path]:
+    """Write tiled TIFFs from zarr-like arrays, one tile in memory at a time; all files are
+    committed together, or none is.
+
+    Parameters
+    ----------
+    targets : list of (path, source, dtype, axes, compress, tile)
+        ``source``: array-like of shape (..., Y, X) read tile by tile (a zarr array);
+        ``tile``: (Y, X), multiples of 16 (TIFF's rule).
+    overwrite : bool
+        As for :func:`write_tiff_streams`.
+    """
+    written = []
+    try:
+        for path, source, dtype, axes, compress, tile in targets:
+            target = _TiffTarget(path, source.shape, dtype, axes, compress)
+            written.append(target)
+            target.write_tiles(_tiles_of(source, tile), tile)
+        if not overwrite:
+            for target in written:
+                if target.path.exists():
+                    raise FileExistsError(f"{target.path} appeared during the run and was kept; "
+                                          f"nothing was written (pass --overwrite)")
+        for target in written:
+            target.commit(replace=overwrite)
+    finally:
+        for target in written:
+            target.discard()
+    return [target.path for target in written]
+
+
+def _tiles_of(source, tile: tuple[int, int]):
+    """Tiles of every plane in raster order, zero-padded to ``tile`` at the right and bottom."""
+    height, width = source.shape[-2:]
+    for lead in np.ndindex(*source.shape[:-2]):
+        for y in range(0, height, tile[0]):
+            for x in range(0, width, tile[1]):
+                part = np.asarray(source[lead + (slice(y, y + tile[0]), slice(x, x + tile[1]))])
+                padded = np.zeros(tile, part.dtype)
+                padded[: part.shape[0], : part.shape[1]] = part
+                yield padded
 
 
 _END, _ABORT = object(), object()

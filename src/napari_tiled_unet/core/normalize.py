@@ -61,12 +61,29 @@ class Normalization:
         if self.mode == "none":
             return np.zeros((channels, 1, 1), np.float32), np.ones((channels, 1, 1), np.float32)
         step = max(1, math.ceil(math.sqrt(plane.shape[1] * plane.shape[2] / _SAMPLE_PIXELS)))
-        sample = np.asarray(plane[:, ::step, ::step]).reshape(channels, -1)
+        sample = _strided_sample(plane, step).reshape(channels, -1)
         low, high = np.stack([_percentiles(values, (self.low, self.high)) for values in sample], 1)
         spread = high - low
         # A constant channel keeps its values rather than being divided by zero.
         scale = np.where(spread > 0, 1.0 / np.where(spread > 0, spread, 1.0), 1.0)
         return (low.reshape(-1, 1, 1).astype(np.float32), scale.reshape(-1, 1, 1).astype(np.float32))
+
+
+_SAMPLE_ROWS = 64
+
+
+def _strided_sample(plane, step: int) -> np.ndarray:
+    """``plane[:, ::step, ::step]``, read a few rows at a time. A plane that can drop the pages
+    it mapped (``release_pages``, a memmapped file) drops them after each read: sampled rows
+    of a huge plane would otherwise map most of the file (the kernel maps pages around each
+    touched one), a plane's worth of resident memory."""
+    parts = []
+    for start in range(0, plane.shape[1], step * _SAMPLE_ROWS):
+        # a copy: a memmap view would only be read later, after its pages were dropped
+        parts.append(np.array(plane[:, start : start + step * _SAMPLE_ROWS : step, ::step], copy=True))
+        if hasattr(plane, "release_pages"):
+            plane.release_pages()
+    return np.concatenate(parts, axis=1)
 
 
 def _percentiles(values: np.ndarray, percents) -> np.ndarray:

@@ -206,6 +206,12 @@ class PlaneView:
         block = np.asarray(self.image[self.prefix + (rows, cols)])
         return block if self.has_channels else block[None]
 
+    def release_pages(self) -> None:
+        """Drop the pages a memmapped image mapped in this process (no-op otherwise)."""
+        from .io import release_mapped_pages
+
+        release_mapped_pages(self.image)
+
 
 @dataclass(frozen=True)
 class _TileSource:

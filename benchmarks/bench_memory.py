@@ -79,11 +79,11 @@ def huge_plane(folder: Path, side: int) -> None:
     import tifffile
 
     path = folder / "plane.tif"
-    rows = np.arange(side)[:, None]
+    # Row by row: a child's peak RSS counts what its parent held when it was started.
+    columns = np.sin(np.arange(side) / 29.0)
+    rows = ((40 + 150 * (np.sin(y / 23.0) * columns > 0.6)).astype(np.uint8) for y in range(side))
     with tifffile.TiffWriter(path, bigtiff=True) as writer:
-        strips = ((40 + 150 * ((np.sin((rows[y:y + 1024]) / 23.0) * np.sin(np.arange(side) / 29.0))
-                               > 0.6)).astype(np.uint8) for y in range(0, side, 1024))
-        writer.write(np.concatenate(list(strips)), metadata={"axes": "YX"})
+        writer.write(rows, shape=(side, side), dtype=np.uint8, metadata={"axes": "YX"})
     for label, whole in (("in blocks (default)", False), ("whole plane (forced)", True)):
         figures = segment(path, folder / "model.safetensors", folder / "labels.tif", whole)
         if figures["code"] != 0:

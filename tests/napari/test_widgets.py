@@ -335,3 +335,25 @@ def test_object_diameter_defaults_to_auto_for_models_that_know_their_size(viewer
     widget._diameter.value = "-2"
     widget.start()
     assert errors and "object diameter: expected a positive number" in errors[-1]
+
+
+def test_a_cluster_store_opens_as_probabilities_and_labels_layers(viewer, tmp_path, rng):
+    """What `tiled-unet segment -o OUT.zarr` writes opens in napari through the plugin's reader,
+    lazily (run here in this process, without a cluster)."""
+    import tifffile
+
+    from napari_tiled_unet.core import distributed
+
+    model = make_model(depth=2, base_channels=4, seed=3)
+    model.metadata = {}
+    path = save_model(model, tmp_path / "m.safetensors")
+    image, _ = touching_blobs(0, size=96)
+    tifffile.imwrite(tmp_path / "in.tif", image)
+    job = distributed.plan_job(path, tmp_path / "in.tif", tmp_path / "out.zarr", model=load_model(path),
+                               block=48, threshold=0.4, probabilities=True)
+    events = list(distributed.segment_on_cluster(job, distributed.InProcess()))
+    layers = viewer.open(str(tmp_path / "out.zarr"), plugin=PLUGIN)
+    assert [type(layer).__name__ for layer in layers] == ["Image", "Labels"]
+    assert layers[1].data.shape == (96, 96)
+    labels = np.asarray(layers[1].data)
+    assert events[-1].objects >= 1 and len(np.unique(labels[labels > 0])) == events[-1].objects

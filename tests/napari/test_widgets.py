@@ -166,11 +166,18 @@ def test_result_goes_to_its_image_when_selection_and_names_change(viewer, qtbot,
     np.testing.assert_array_equal(labels.data, expected_labels(model_file, first))
 
 
-def test_removing_the_image_during_a_run_stops_it(viewer, qtbot, model_file, rng):
+def test_removing_the_image_during_a_run_stops_it(viewer, qtbot, model_file, rng, monkeypatch):
+    """The warning comes after the removal event, from the stopped run (a notification inside
+    napari's removal event crashed napari)."""
+    shown = []
+    monkeypatch.setattr(segment_module, "show_warning", lambda message: shown.append(
+        (message, "gone" in viewer.layers)))
     widget = start_a_long_run(viewer, qtbot, model_file, rng, "gone")
     viewer.layers.remove("gone")
+    assert shown == []   # nothing from inside the event
     qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
     assert len(viewer.layers) == 0
+    assert shown == [("image: layer 'gone' was removed; segmentation stopped", False)]
 
 
 def test_bad_input_is_reported_before_any_work(viewer, qtbot, model_file, errors, tmp_path, rng):

@@ -38,6 +38,7 @@ class SegmentJob:
     placement: Placement
     plane: tuple | None = None    # leading index when only the current plane is segmented
     stop: threading.Event = field(default_factory=threading.Event)
+    layer_removed: bool = False
 
 
 class SegmentWidget(Container):
@@ -181,14 +182,18 @@ class SegmentWidget(Container):
         self._bar.update(event.done, event.total)
 
     def _on_layer_removed(self, event) -> None:
+        # Only flags here: a notification raised inside napari's removal event crashed napari
+        # (issue 14 #7); the warning is shown when the stopped worker returns.
         if self._job is not None and event.value is self._job.layer:
+            self._job.layer_removed = True
             self._job.stop.set()
-            show_warning(f"image: layer {self._job.name!r} was removed; segmentation stopped")
 
     def _on_returned(self, result) -> None:
         job = self._job
         if isinstance(result, Failure):
             show_error(result.message)
+        elif job.layer_removed:
+            show_warning(f"image: layer {job.name!r} was removed; segmentation stopped")
         elif result is None:
             show_info(f"Segmentation of {job.name!r} cancelled; nothing was added")
         elif job.layer in self._viewer.layers:

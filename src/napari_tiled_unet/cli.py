@@ -672,11 +672,18 @@ def _train(args) -> int:
     stop = _StopFlag()
     events = train(samples, args.output, config=config, model_config=model_config,
                    init=args.init, resume=args.resume, should_stop=stop)
-    last = None
+    last, told = None, False
     with stop.installed(), _TrainBar(args.quiet, args.iterations) as bar:
         for last in events:
+            if last.data is not None and not told:
+                told = True
+                print(f"tiled-unet train: {last.data.describe()}", file=sys.stderr)
             bar.update(last)
     best = last.best or {}
+    if last.worse_than_baseline:
+        print(f"tiled-unet train: warning: the new model scores AP@0.5 {best['ap50']:.3f} on the "
+              f"validation data, below the {last.baseline['ap50']:.3f} of {args.init} it started "
+              f"from", file=sys.stderr)
     status = "stopped" if last.stopped else "done"
     print(f"{status} after {last.iteration} iterations in {last.seconds:.0f} s; best validation "
           f"AP@0.5 {best.get('ap50', float('nan')):.3f}, pixel IoU {best.get('iou', float('nan')):.3f} "

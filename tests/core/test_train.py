@@ -253,3 +253,53 @@ def test_sparse_ids_near_two_to_the_32_train_like_small_ones():
     small, = annotated_planes([Sample(image, labels)], quick(), make_model(depth=2))
     large, = annotated_planes([Sample(image, sparse)], quick(), make_model(depth=2))
     assert np.array_equal(small.ids, large.ids) and np.array_equal(small.weights, large.weights)
+
+
+def test_one_annotated_plane_is_split_along_y_to_hold_out_objects():
+    """One image: the bottom part (about val_fraction of the object pixels) validates; too small
+    an annotation validates on itself and says so."""
+    from napari_tiled_unet.core.train import _Session
+
+    image, labels = touching_blobs(0, size=128)
+    session = _Session.prepared([Sample(image, labels)], Path("m.safetensors"),
+                                quick(val_fraction=0.25), TINY, None, False, lambda: False)
+    (top,), (bottom,) = session.train_planes, session.val_planes
+    assert top.ids.shape[0] + bottom.ids.shape[0] == 128 and top.ids.shape[1] == 128
+    np.testing.assert_array_equal(np.concatenate([top.image, bottom.image], axis=1),
+                                  annotated_planes([Sample(image, labels)], quick(), make_model(2, 8))[0].image)
+    assert 0.1 < (bottom.truth > 0).sum() / (labels > 0).sum() < 0.4
+    for part in (top, bottom):   # foreground coordinates follow their part
+        assert part.foreground[:, 0].max() < part.ids.shape[0]
+        assert (part.ids[tuple(part.foreground.T)] > 0).all()
+    data = session.data
+    assert data.held_out and data.train_planes == data.val_planes == 1
+    assert data.train_objects == len(np.unique(top.truth[top.truth > 0]))
+    assert data.describe().startswith(f"training on {data.train_objects} objects in 1 plane(s), "
+                                      f"validating on {data.val_objects} other objects")
+
+    small, small_labels = touching_blobs(0, size=48, pairs=1, singles=0)
+    session = _Session.prepared([Sample(small, small_labels)], Path("m.safetensors"), quick(patch=44),
+                                TINY, None, False, lambda: False)
+    assert session.val_planes is session.train_planes and not session.data.held_out
+    assert "validating on the same objects" in session.data.describe()
+
+
+def test_fine_tuning_scores_its_starting_model_first(tmp_path):
+    from napari_tiled_unet.core.train import TrainEvent
+
+    samples = [Sample(*touching_blobs(seed)) for seed in range(2)]
+    save_model(make_model(depth=2, base_channels=8), tmp_path / "start.safetensors")
+    events = list(train(samples, tmp_path / "b.safetensors", init=tmp_path / "start.safetensors",
+                        config=quick(iterations=2, validate_every=2)))
+    baseline = events[0].baseline
+    assert baseline["iteration"] == 0 and set(baseline) >= {"ap50", "iou", "f1"}
+    assert all(e.baseline == baseline for e in events)
+    scratch = list(train(samples, tmp_path / "c.safetensors", model_config=TINY,
+                         config=quick(iterations=2, validate_every=2)))
+    assert scratch[-1].baseline is None and not scratch[-1].worse_than_baseline
+
+    def event(best, start):
+        return TrainEvent(5, 5, 0.1, None, {"ap50": best, "iou": 0.5}, 1.0,
+                          baseline={"ap50": start, "iou": 0.5, "iteration": 0})
+
+    assert event(0.40, 0.50).worse_than_baseline and not event(0.50, 0.50).worse_than_baseline

@@ -364,3 +364,32 @@ def test_a_cluster_store_opens_as_probabilities_and_labels_layers(viewer, tmp_pa
     assert layers[1].data.shape == (96, 96)
     labels = np.asarray(layers[1].data)
     assert events[-1].objects >= 1 and len(np.unique(labels[labels > 0])) == events[-1].objects
+
+
+def test_a_model_worse_than_its_start_is_saved_but_not_selected(viewer, tmp_path, monkeypatch):
+    """What the run learns from is said first (a warning when it is too little); a fine-tuned
+    model that scores below its start is not selected; one that finds nothing is, with a warning."""
+    from napari_tiled_unet.core.train import DataSummary, TrainEvent
+
+    shown = []
+    monkeypatch.setattr(train_module, "show_warning", shown.append)
+    monkeypatch.setattr(train_module, "show_info", shown.append)
+    widget = train_widget(viewer, tmp_path, iterations=5)
+    before = list(SESSION_MODELS.paths)
+    (tmp_path / "trained.safetensors").write_bytes(b"model")
+    widget._job = train_module.TrainJob(samples=[], output=tmp_path / "trained.safetensors",
+                                        config=None, init=None, in_channels=1)
+    data = DataSummary(1, 3, 1, 3, held_out=False)
+    widget._bar = train_module.LazyProgress("Training")
+    widget._on_event(TrainEvent(1, 5, 0.5, None, None, 1.0, data=data))
+    assert shown == ["Training: training on 3 objects in 1 plane(s), validating on the same objects "
+                     "(nothing could be held out). The validation score will say little about new "
+                     "images: annotate more objects, or add another image."]
+    worse = TrainEvent(5, 5, 0.1, None, {"ap50": 0.41, "iou": 0.6}, 2.0, data=data,
+                       baseline={"ap50": 0.62, "iou": 0.7, "iteration": 0})
+    widget._on_returned(worse)
+    assert SESSION_MODELS.paths == before
+    assert "scores validation AP@0.5 0.410, below the 0.620 of the model it started from" in shown[-1]
+    widget._on_returned(TrainEvent(5, 5, 0.1, None, {"ap50": 0.0, "iou": 0.1}, 2.0, data=data))
+    assert SESSION_MODELS.paths[0] == (tmp_path / "trained.safetensors").resolve()
+    assert "It finds no validation object yet" in shown[-1]

@@ -11,7 +11,7 @@ import numpy as np
 from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label,
                               PushButton, SpinBox, create_widget)
 from napari.qt.threading import thread_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 
 from ._layers import full_resolution, model_input
 from ._session import SESSION_MODELS
@@ -171,6 +171,8 @@ class TrainWidget(Container):
         return path
 
     def _on_event(self, event) -> None:
+        if self.last_event is None and event.data is not None:
+            _tell_what_is_used(event.data)
         self._bar.update(event.iteration, event.iterations)
         self.last_event = event
         self.plot.add(event)
@@ -180,12 +182,24 @@ class TrainWidget(Container):
             show_error(result.message)
             return
         output = self._job.output
-        if output.is_file():
+        if not output.is_file():
+            return
+        best = (result.best or {}) if result is not None else {}
+        state = "stopped" if result is not None and result.stopped else "done"
+        score = best.get("ap50", float("nan"))
+        if result is not None and result.worse_than_baseline:
+            show_warning(f"Training {state}; the new model scores validation AP@0.5 {score:.3f}, "
+                         f"below the {result.baseline['ap50']:.3f} of the model it started from. "
+                         f"It was saved to {output} but not selected in the Segment widget.")
+        else:
             SESSION_MODELS.add(output)
-            best = (result.best or {}) if result is not None else {}
-            state = "stopped" if result is not None and result.stopped else "done"
-            show_info(f"Training {state}; model saved to {output} (validation AP@0.5 "
-                      f"{best.get('ap50', float('nan')):.3f}); it is selected in the Segment widget")
+            message = (f"Training {state}; model saved to {output} (validation AP@0.5 {score:.3f}); "
+                       f"it is selected in the Segment widget")
+            if score > 0:
+                show_info(message)
+            else:
+                show_warning(f"{message}. It finds no validation object yet: annotate more "
+                             f"objects, or train longer.")
 
     def _on_finished(self) -> None:
         self._bar.close()
@@ -243,6 +257,19 @@ class TrainingPlot:
         self.canvas.draw_idle()
         self.updates += 1
         self._drawn = time.monotonic()
+
+
+_FEW_OBJECTS = 10
+
+
+def _tell_what_is_used(data) -> None:
+    """What the run learns from; a warning when it is too little to judge the result by."""
+    text = data.describe()
+    if not data.held_out or data.train_objects < _FEW_OBJECTS:
+        show_warning(f"Training: {text}. The validation score will say little about new "
+                     f"images: annotate more objects, or add another image.")
+    else:
+        show_info(f"Training: {text}")
 
 
 @thread_worker

@@ -95,6 +95,10 @@ class TrainEvent:
         Wall time since the start.
     stopped : bool
         True on the last event when ``should_stop`` ended the run.
+    data : DataSummary or None
+        What the run trains and validates on.
+    baseline : dict or None
+        Validation metrics of the model fine-tuning started from (``init``), before training.
     """
 
     iteration: int
@@ -104,6 +108,33 @@ class TrainEvent:
     best: dict | None
     seconds: float
     stopped: bool = False
+    data: DataSummary | None = None
+    baseline: dict | None = None
+
+    @property
+    def worse_than_baseline(self) -> bool:
+        """The best model scores below the one fine-tuning started from (AP@0.5)."""
+        return bool(self.baseline and self.best and self.best["ap50"] < self.baseline["ap50"])
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """Annotated planes and objects a run trains and validates on.
+
+    ``held_out`` is False when nothing could be held out (one small annotated area): validation
+    then scores the training data, which says little about new images.
+    """
+
+    train_planes: int
+    train_objects: int
+    val_planes: int
+    val_objects: int
+    held_out: bool
+
+    def describe(self) -> str:
+        where = (f"validating on {self.val_objects} other objects in {self.val_planes} plane(s)"
+                 if self.held_out else "validating on the same objects (nothing could be held out)")
+        return f"training on {self.train_objects} objects in {self.train_planes} plane(s), {where}"
 
 
 @dataclass
@@ -167,6 +198,13 @@ class _Session:
     config: TrainConfig
     should_stop: Callable[[], bool]
     resumed: dict | None = None
+    fine_tuning: bool = False
+    held_out: bool = True
+
+    @cached_property
+    def data(self) -> DataSummary:
+        return DataSummary(len(self.train_planes), _object_count(self.train_planes),
+                           len(self.val_planes), _object_count(self.val_planes), self.held_out)
 
     @cached_property
     def diameter(self) -> float:
@@ -194,7 +232,9 @@ class _Session:
         if not planes:
             raise ValueError("labels: no annotated plane (every plane is empty or outside its region)")
         train_planes, val_planes = _split(_group(planes), config)
-        return cls(model, train_planes, val_planes, output, config, should_stop, resumed)
+        held_out = val_planes is not train_planes
+        return cls(model, train_planes, val_planes, output, config, should_stop, resumed,
+                   fine_tuning=init is not None and resumed is None, held_out=held_out)
 
     def run(self) -> Iterator[TrainEvent]:
         import torch
@@ -212,6 +252,10 @@ class _Session:
         if self.resumed:
             optimizer.load_state_dict(self.resumed["optimizer"])
             first, best = self.resumed["iteration"] + 1, self.resumed["best"]
+        # The model fine-tuning starts from, scored on the same validation data: a run that
+        # ends below it made things worse, and its consumers say so.
+        baseline = dict(self._validate(model, device), iteration=0) if self.fine_tuning else None
+        context = {"data": self.data, "baseline": baseline}
         loss = float("nan")
         for iteration in range(first, config.iterations + 1):
             if self.should_stop():
@@ -219,7 +263,7 @@ class _Session:
                     self._save(model, iteration - 1, None)
                 self._checkpoint(model, optimizer, iteration - 1, best)
                 yield TrainEvent(iteration - 1, config.iterations, loss, None, best,
-                                 time.perf_counter() - start, stopped=True)
+                                 time.perf_counter() - start, stopped=True, **context)
                 return
             _set_learning_rate(optimizer, config, iteration)
             loss = self._step(model, optimizer, rng, generator, device)
@@ -231,7 +275,7 @@ class _Session:
                     self._save(model, iteration, best)
                 self._checkpoint(model, optimizer, iteration, best)
             yield TrainEvent(iteration, config.iterations, loss, metrics, best,
-                             time.perf_counter() - start)
+                             time.perf_counter() - start, **context)
 
     def _step(self, model, optimizer, rng, generator, device) -> float:
         import torch
@@ -465,23 +509,58 @@ def _group(planes):
     return groups
 
 
+def _object_count(planes) -> int:
+    return sum(len(np.unique(p.truth[p.truth > 0])) for p in planes)
+
+
 def _split(groups: dict, config: TrainConfig):
     """Hold out whole samples ("image") or planes ("plane"; "auto": images when there are
-    several); with a single plane, validate on it (better than no model selection at all)."""
+    several). A single plane is split in two along Y (:func:`_split_plane`); when even that
+    leaves nothing to hold out, validation scores the training planes (the same list object),
+    better than no model selection at all."""
     rng = np.random.default_rng(config.seed)
     by_image = config.val_split == "image" or (config.val_split == "auto" and len(groups) > 1)
     if by_image:
         units = list(groups.values())
     else:
         units = [[p] for planes in groups.values() for p in planes]
+    flat = [p for unit in units for p in unit]
+    if len(flat) == 1 and config.val_fraction > 0:
+        halves = _split_plane(flat[0], config.val_fraction)
+        if halves is not None:
+            return [halves[0]], [halves[1]]
     if len(units) < 2 or config.val_fraction == 0:
-        flat = [p for unit in units for p in unit]
-        return flat, flat  # validation on the training data: better than none for picking a model
+        return flat, flat
     held = max(1, round(config.val_fraction * len(units)))
     order = rng.permutation(len(units))
     val = [p for i in order[:held] for p in units[i]]
     train = [p for i in order[held:] for p in units[i]]
     return train, val
+
+
+_MIN_PART_ROWS = 32
+
+
+def _split_plane(plane: TrainingPlane, fraction: float):
+    """(top, bottom) parts of one plane, the bottom holding about ``fraction`` of the annotated
+    object pixels; None when a part would be under 32 rows or hold no object."""
+    rows = np.nonzero(plane.truth)[0]
+    if rows.size == 0:
+        return None
+    cut = int(np.quantile(rows, 1.0 - fraction))
+    height = plane.truth.shape[0]
+    if cut < _MIN_PART_ROWS or height - cut < _MIN_PART_ROWS:
+        return None
+    parts = []
+    for window, shift in ((slice(0, cut), 0), (slice(cut, height), cut)):
+        inside = (plane.foreground[:, 0] >= window.start) & (plane.foreground[:, 0] < window.stop)
+        parts.append(TrainingPlane(
+            source=plane.source, image=plane.image[:, window], ids=plane.ids[window],
+            weights=plane.weights[window], truth=plane.truth[window],
+            foreground=plane.foreground[inside] - np.array([shift, 0])))
+    if not parts[0].truth.any() or not parts[1].truth.any():
+        return None
+    return tuple(parts)
 
 
 def _batch(planes, config: TrainConfig, rng):

@@ -234,9 +234,21 @@ def prepare_store(job: ClusterJob, overwrite: bool = False) -> int:
 
 
 def _create_store(job: ClusterJob) -> None:
+    """Build the empty store under a temporary name, then rename it into place: a crash while
+    creating it never leaves a half-made store at the output's name."""
+    output = Path(job.output)
+    building = output.with_name(f".{output.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        _build_store(job, building)
+        os.rename(building, output)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+
+
+def _build_store(job: ClusterJob, where: Path) -> None:
     import zarr
 
-    root = zarr.open_group(job.output, mode="w", zarr_format=2)
+    root = zarr.open_group(str(where), mode="w", zarr_format=2)
     axes = _ngff_axes(job.axes)
     if job.probabilities:
         root.create_array("0", shape=job.shape, chunks=job.chunks, dtype="float32", fill_value=0)
@@ -249,8 +261,7 @@ def _create_store(job: ClusterJob) -> None:
     image.attrs["image-label"] = {"version": "0.4", "source": {"image": "../../"}}
     work = root.create_group(_WORK)
     work.create_array("local", shape=job.shape, chunks=job.chunks, dtype="uint32", fill_value=0)
-    _done_folder(Path(job.output)).mkdir()
-    # The record goes last: a store without it is not resumable and gets recreated.
+    _done_folder(where).mkdir()
     root.attrs[RECORD] = {"job": job.record(), "complete": False}
 
 

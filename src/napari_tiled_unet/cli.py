@@ -654,12 +654,10 @@ def _train(args) -> int:
     if args.resume and args.init:
         raise UsageError("--resume: continues the run writing --output; do not combine with --init")
     samples = _training_samples(args)
-    paper = args.weights == "paper"
     config = TrainConfig(
         iterations=args.iterations, batch=args.batch, patch=args.patch, lr=args.lr,
         optimizer=args.optimizer, lr_schedule=args.lr_schedule, weights=args.weights,
-        w0=args.w0 if args.w0 is not None else (10.0 if paper else 50.0),
-        sigma=args.sigma if args.sigma is not None else (5.0 if paper else 6.0),
+        w0=args.w0, sigma=args.sigma,
         pixel_size=args.pixel_size, ignore_label=args.ignore_label,
         val_fraction=args.val_fraction, val_split=args.val_split, validate_every=args.validate_every, seed=args.seed,
         device=args.device, augmentation=replace(Augmentation(), zoom=_zoom_range(args.zoom)),

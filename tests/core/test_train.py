@@ -303,3 +303,12 @@ def test_fine_tuning_scores_its_starting_model_first(tmp_path):
                           baseline={"ap50": start, "iou": 0.5, "iteration": 0})
 
     assert event(0.40, 0.50).worse_than_baseline and not event(0.50, 0.50).worse_than_baseline
+
+
+def test_the_fiji_variant_brings_its_own_w0_and_sigma_from_python_too():
+    from napari_tiled_unet.core.weights import VARIANT_DEFAULTS
+
+    assert (TrainConfig().w0, TrainConfig().sigma) == VARIANT_DEFAULTS["paper"] == (10.0, 5.0)
+    fiji = TrainConfig(weights="fiji")
+    assert (fiji.w0, fiji.sigma) == VARIANT_DEFAULTS["fiji"] == (50.0, 6.0)
+    assert (TrainConfig(weights="fiji", w0=7.0).w0, TrainConfig(weights="fiji", w0=7.0).sigma) == (7.0, 6.0)

@@ -14,6 +14,7 @@ from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ._layers import full_resolution, model_input
+from ..core.weights import VARIANT_DEFAULTS
 from ._session import SESSION_MODELS
 from ._work import Failure, LazyProgress
 from ..models import DEFAULT_MODEL
@@ -53,8 +54,9 @@ class TrainWidget(Container):
                                                "tooltip": "fully annotated regions; outside them pixels are ignored"})
         self._ignore = SpinBox(label="ignore label", value=0, min=0, max=2**31 - 1,
                                tooltip="label id ignored by the loss (0 = none)")
-        self._w0 = FloatSpinBox(label="w0", value=10.0, min=0.0, max=1000.0)
-        self._sigma = FloatSpinBox(label="sigma", value=5.0, min=0.01, max=1000.0)
+        paper_w0, paper_sigma = VARIANT_DEFAULTS["paper"]
+        self._w0 = FloatSpinBox(label="w0", value=paper_w0, min=0.0, max=1000.0)
+        self._sigma = FloatSpinBox(label="sigma", value=paper_sigma, min=0.01, max=1000.0)
         self._physical = CheckBox(text="sigma in the layer's units (scale)")
         self._iterations = SpinBox(label="iterations", value=2000, min=1, max=10**7)
         self._lr = FloatSpinBox(label="learning rate", value=LEARNING_RATES["scratch"], min=1e-7,

@@ -54,7 +54,11 @@ class Sample:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training settings (defaults: the paper's loss, Adam at 1e-4)."""
+    """Training settings (defaults: the paper's loss, Adam at 1e-4).
+
+    ``w0`` and ``sigma`` left as None take the ``weights`` variant's own values
+    (:data:`~.weights.VARIANT_DEFAULTS`: paper 10 / 5 px, Fiji 50 / 6 px).
+    """
 
     iterations: int = 2000
     batch: int = 4
@@ -62,8 +66,8 @@ class TrainConfig:
     lr: float = 1e-4
     optimizer: str = "adam"
     lr_schedule: str = "constant"
-    w0: float = 10.0
-    sigma: float = 5.0
+    w0: float | None = None
+    sigma: float | None = None
     weights: str = "paper"
     class_balance: bool = True
     pixel_size: float | None = None
@@ -76,6 +80,15 @@ class TrainConfig:
     normalization: Normalization = field(default_factory=Normalization)
     seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self):
+        from .weights import VARIANT_DEFAULTS
+
+        w0, sigma = VARIANT_DEFAULTS.get(self.weights, VARIANT_DEFAULTS["paper"])
+        if self.w0 is None:
+            object.__setattr__(self, "w0", w0)
+        if self.sigma is None:
+            object.__setattr__(self, "sigma", sigma)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from scipy import ndimage
 
 CUTOFF = 1e-3
 VARIANTS = ("paper", "fiji")
+# (w0, sigma in px) of each variant: the U-Net paper's, and the Fiji U-Net plugin's.
+VARIANT_DEFAULTS = {"paper": (10.0, 5.0), "fiji": (50.0, 6.0)}
 _EIGHT = np.ones((3, 3), bool)
 
 

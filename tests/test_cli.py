@@ -365,3 +365,23 @@ def test_link_z_gives_one_id_per_nucleus_through_a_z_stack(tmp_path, model_file)
     tifffile.imwrite(flat, stack, metadata={"axes": "TYX"})
     assert cli.main(["segment", str(flat), "-o", str(tmp_path / "x.tif"), "--model",
                      str(model_file), "--link-z", "0.5"]) == 2
+
+
+def test_input_errors_are_one_line_and_bugs_show_their_traceback(tmp_path, capsys, monkeypatch):
+    from napari_tiled_unet import cli
+    from napari_tiled_unet.core import segment as segment_module
+
+    image = tmp_path / "in.tif"
+    tifffile.imwrite(image, np.zeros((64, 64), np.uint8))
+    args = ["segment", str(image), "-o", str(tmp_path / "out.tif"), "--tile", "-3", "--quiet"]
+    assert cli.main(args) == 2
+    assert capsys.readouterr().err == "tiled-unet segment: error: --tile: expected a positive integer or 'auto', got '-3'\n"
+    with pytest.raises(ValueError, match="--tile"):
+        cli.main(["--debug", *args])
+
+    def broken(*_, **__):
+        raise ValueError("operands could not be broadcast together with shapes (3,) (4,)")
+
+    monkeypatch.setattr(segment_module, "segment", broken)
+    with pytest.raises(ValueError, match="operands could not be broadcast"):
+        cli.main(["segment", str(image), "-o", str(tmp_path / "out.tif"), "--quiet"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import signal
 import sys
 from pathlib import Path
@@ -31,8 +32,20 @@ def main(argv=None) -> int:
     try:
         return args.run(args)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError) as error:
+        if args.debug or not _is_user_error(error):
+            raise   # a bug, or asked for: the traceback (exit 1)
         print(f"tiled-unet {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+# User errors name what was wrong first: "--tile: expected ...", "labels (sample 0): ...".
+_USER_ERROR = re.compile(r"^[-\w. ]{1,40}( \([^)]*\))?: ")
+
+
+def _is_user_error(error: Exception) -> bool:
+    """Errors about the user's input (printed as one line); any other ValueError is a bug."""
+    return not isinstance(error, ValueError) or isinstance(error, UsageError) or bool(
+        _USER_ERROR.match(str(error)))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of every error, input errors included")
     commands = parser.add_subparsers(dest="command")
     segment = commands.add_parser(
         "segment", help="segment a TIFF image or stack into instance labels",

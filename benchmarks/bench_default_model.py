@@ -4,7 +4,8 @@ The model was trained by ``tiled-unet train`` on all images of the folder (sorte
 shell expands ``*_image.tif``); the images it held out are recorded in the model's metadata
 (``validation_samples``, indices into that sorted list). For each held-out image this prints
 AP@0.5 (TP / (TP + FP + FN), one-to-one matching at IoU >= 0.5), pixel IoU of foreground, the
-object counts, and the means over images.
+object counts, and the means over images; then AP@0.5 pooled over all objects, the touching
+ground-truth pairs the prediction splits, and the time for one 1024 x 1024 image.
 
     python benchmarks/bench_default_model.py [--model M] [--data ../shared/data/dsb2018_fluo/train]
         [--scale S] [--diameter PX|auto]
@@ -25,7 +26,7 @@ import tifffile
 import torch
 from scipy import ndimage
 
-from napari_tiled_unet.core.metrics import match_objects, pixel_iou
+from napari_tiled_unet.core.metrics import match_objects, pixel_iou, split_touching_pairs
 from napari_tiled_unet.core.modelfile import load_model
 from napari_tiled_unet.core.postprocess import decode_plane, postprocess_options
 from napari_tiled_unet.core.predict import predict_array
@@ -62,7 +63,7 @@ def main():
           f"{len(paths)} held-out images from {args.data}; threshold {threshold}, min size {min_size} px; "
           f"scale {args.scale}, diameter {args.diameter}")
     print(f"{'image':<14} {'shape':>11} {'true':>5} {'found':>6} {'AP@0.5':>7} {'IoU':>6}")
-    aps, ious, seconds, pooled = [], [], 0.0, np.zeros(3, int)
+    aps, ious, seconds, pooled, touching = [], [], 0.0, np.zeros(3, int), np.zeros(2, int)
     for path in paths:
         image = tifffile.imread(path)
         truth = tifffile.imread(str(path).replace("_image.tif", "_labels.tif"))
@@ -82,6 +83,7 @@ def main():
         aps.append(scores.ap)
         pooled += (scores.tp, scores.fp, scores.fn)
         ious.append(pixel_iou(predicted, truth))
+        touching += split_touching_pairs(predicted, truth)
         print(f"{path.name[:12]:<14} {'x'.join(map(str, image.shape)):>11} {scores.tp + scores.fn:5d} "
               f"{scores.tp + scores.fp:6d} {scores.ap:7.3f} {ious[-1]:6.3f}")
     print(f"\nmean over {len(paths)} images: AP@0.5 {np.mean(aps):.3f}, pixel IoU {np.mean(ious):.3f} "
@@ -89,6 +91,8 @@ def main():
     tp, fp, fn = pooled
     print(f"pooled over all {tp + fn} held-out objects: AP@0.5 {tp / max(tp + fp + fn, 1):.3f} "
           f"(TP {tp}, FP {fp}, FN {fn})")
+    print(f"touching ground-truth pairs split: {touching[0]} of {touching[1]} "
+          f"({touching[0] / max(touching[1], 1):.1%})")
     print(f"one 1024 x 1024 image, inference and labelling: {time_1024(model, threshold, min_size):.2f} s "
           f"(best of 3; {torch.get_num_threads()} CPU threads, device auto)")
 

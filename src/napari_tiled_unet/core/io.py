@@ -269,38 +269,29 @@ class _TiffTarget:
         remove_stale_partials(self.path)
 
     def write(self, planes) -> None:
-        import tifffile
-
         expected = int(np.prod(self.shape[:-2], dtype=np.int64))
-        nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-        with tifffile.TiffWriter(self.tmp, bigtiff=nbytes >= _BIGTIFF_BYTES) as writer:
-            writer.write(
-                _checked_planes(planes, self.shape[-2:], self.dtype, expected),
-                shape=self.shape, dtype=self.dtype, photometric="minisblack",
-                metadata={"axes": self.axes} if self.axes else {},
-                compression="zlib" if self.compress else None,
-                compressionargs={"level": 1} if self.compress else None,
-                # strips of 256 rows compressed by several threads (zlib releases the GIL):
-                # 1.5x faster on 2 cores for 4096 x 4096 uint32 labels
-                **({"rowsperstrip": 256, "maxworkers": _COMPRESS_THREADS} if self.compress else {}),
-            )
-        with open(self.tmp, "rb+") as handle:   # on disk before it takes the name
-            os.fsync(handle.fileno())
+        # strips of 256 rows compressed by several threads (zlib releases the GIL):
+        # 1.5x faster on 2 cores for 4096 x 4096 uint32 labels
+        strips = {"rowsperstrip": 256, "maxworkers": _COMPRESS_THREADS} if self.compress else {}
+        self._write(_checked_planes(planes, self.shape[-2:], self.dtype, expected), **strips)
 
     def write_tiles(self, tiles, tile: tuple[int, int]) -> None:
         """Write a tiled TIFF from ``tiles``: arrays of shape ``tile``, plane by plane, in
         raster order (memory: one tile, for planes of any size)."""
+        self._write((np.asarray(t, self.dtype) for t in tiles), tile=tile)
+
+    def _write(self, data, **layout) -> None:
         import tifffile
 
         nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         with tifffile.TiffWriter(self.tmp, bigtiff=nbytes >= _BIGTIFF_BYTES) as writer:
             writer.write(
-                (np.asarray(t, self.dtype) for t in tiles), shape=self.shape, dtype=self.dtype,
-                tile=tile, photometric="minisblack", metadata={"axes": self.axes} if self.axes else {},
+                data, shape=self.shape, dtype=self.dtype, photometric="minisblack",
+                metadata={"axes": self.axes} if self.axes else {},
                 compression="zlib" if self.compress else None,
-                compressionargs={"level": 1} if self.compress else None,
+                compressionargs={"level": 1} if self.compress else None, **layout,
             )
-        with open(self.tmp, "rb+") as handle:
+        with open(self.tmp, "rb+") as handle:   # on disk before it takes the name
             os.fsync(handle.fileno())
 
     def commit(self, replace: bool = True) -> None:

@@ -206,11 +206,10 @@ def _segment_in_blocks(args, outputs, model, axes: str) -> int:
     from .core.postprocess import labels_dtype
     from .core.predict import positive_or_auto
 
-    for option, value in (("--diameter", args.diameter), ("--link-z", args.link_z),
-                          ("--measure", args.measure or None)):
-        if value is not None:
-            raise UsageError(f"{option}: not available for planes over {HUGE_PLANE_PIXELS // 2**20} Mpx "
-                             f"(segmented block by block to bound memory)")
+    option = _whole_plane_option(args)
+    if option:
+        raise UsageError(f"{option}: not available for planes over {HUGE_PLANE_PIXELS // 2**20} Mpx "
+                         f"(segmented block by block to bound memory)")
     store = outputs[0].with_name(f".{outputs[0].name}.{os.getpid()}.partial.zarr")
     job = distributed.plan_job(
         _model_path(args.model), args.input, store, model=model, series=args.series,
@@ -240,13 +239,19 @@ def _segment_in_blocks(args, outputs, model, axes: str) -> int:
     return 0
 
 
+def _whole_plane_option(args) -> str | None:
+    """The first option given that needs whole planes in memory (the block-wise paths refuse it)."""
+    given = {"--diameter": args.diameter is not None, "--link-z": args.link_z is not None,
+             "--measure": args.measure}
+    return next((option for option, on in given.items() if on), None)
+
+
 def _refuse_for_zarr(args) -> None:
     if len(args.input) != 1 or args.input[0].is_dir():
         raise UsageError("input: a .zarr output takes one input image")
-    for option, value in (("--diameter", args.diameter), ("--link-z", args.link_z),
-                          ("--measure", args.measure or None)):
-        if value is not None:
-            raise UsageError(f"{option}: not available with a .zarr output; write a TIFF")
+    option = _whole_plane_option(args)
+    if option:
+        raise UsageError(f"{option}: not available with a .zarr output; write a TIFF")
     if args.probabilities not in (None, True):
         raise UsageError("--probabilities: with a .zarr output they are stored in it; pass the "
                          "flag without a path")

@@ -556,12 +556,13 @@ _MIN_PART_ROWS = 32
 
 def _split_plane(plane: TrainingPlane, fraction: float):
     """(top, bottom) parts of one plane, the bottom holding about ``fraction`` of the annotated
-    object pixels; None when a part would be under 32 rows or hold no object."""
+    object pixels, cut between objects where possible; None when a part would be under 32 rows
+    or hold no object."""
     rows = np.nonzero(plane.truth)[0]
     if rows.size == 0:
         return None
-    cut = int(np.quantile(rows, 1.0 - fraction))
     height = plane.truth.shape[0]
+    cut = _cut_between_objects(plane.truth, int(np.quantile(rows, 1.0 - fraction)))
     if cut < _MIN_PART_ROWS or height - cut < _MIN_PART_ROWS:
         return None
     parts = []
@@ -574,6 +575,15 @@ def _split_plane(plane: TrainingPlane, fraction: float):
     if not parts[0].truth.any() or not parts[1].truth.any():
         return None
     return tuple(parts)
+
+
+def _cut_between_objects(truth: np.ndarray, target: int) -> int:
+    """The row nearest ``target`` above which no object continues (objects stay whole in one
+    part), leaving both parts at least 32 rows; ``target`` itself when there is none."""
+    crossing = ((truth[:-1] == truth[1:]) & (truth[1:] > 0)).any(axis=1)   # cut at r+1 splits
+    free = np.flatnonzero(~crossing) + 1
+    free = free[(free >= _MIN_PART_ROWS) & (free <= truth.shape[0] - _MIN_PART_ROWS)]
+    return int(free[np.argmin(np.abs(free - target))]) if free.size else target
 
 
 def _batch(planes, config: TrainConfig, rng):

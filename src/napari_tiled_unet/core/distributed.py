@@ -302,7 +302,7 @@ def segment_on_cluster(job: ClusterJob, client, *, overwrite: bool = False,
 
     The store is prepared (created, or found for resuming) when this is called, before any
     work. Blocks run as tasks (one per output chunk; Dask retries those of a worker that dies);
-    the merge runs as Dask array work on the same cluster.
+    the merge runs as tasks on the same cluster (one per plane, then one per block).
 
     Parameters
     ----------

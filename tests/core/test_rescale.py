@@ -74,10 +74,10 @@ def test_diameter_rescaling_keeps_shapes_and_finds_the_same_objects():
     assert sorted(np.unique(plane.labels)) == list(range(37))
 
 
-@pytest.mark.parametrize("diameter", [12, 20, 36, 60])
+@pytest.mark.parametrize("diameter", [12, 20, 36, 60, 150])
 def test_auto_recovers_a_known_object_size_within_15_percent(diameter):
     model = threshold_model(diameter=20.0)
-    image = discs(diameter, 600, int(diameter * 2.5))
+    image = discs(diameter, max(600, 8 * diameter), int(diameter * 2.5))
     estimate = estimate_diameter(model, image, threshold=0.5, device="cpu")
     assert estimate == pytest.approx(diameter, rel=0.15)
 

@@ -166,7 +166,8 @@ def _working_scale(model, image, channel_axis, diameter, threshold, min_size, en
     return float(diameter), factor
 
 
-_SEARCH_FACTORS = (0.25, 0.5, 1.0, 2.0)
+# down to 1/8 (the smallest working scale): objects up to ~13x the model's size are found
+_SEARCH_FACTORS = (0.125, 0.25, 0.5, 1.0, 2.0)
 # objects the model segments as objects: within this range of its training diameter
 _COMFORT = (0.6, 1.6)
 
@@ -178,10 +179,10 @@ def estimate_diameter(model, image, channel_axis=None, threshold=0.5, min_size=0
 
     A network splits objects far larger than its training size into pieces of about that
     size, so one pass at the image's own scale can be badly wrong. The window is segmented at
-    the scales 1/4, 1/2, 1 and 2; of the scales at which the objects found measure near the
-    model's own diameter (0.6 to 1.6 times), the largest estimate is kept (fragments are
+    the scales 1/8, 1/4, 1/2, 1 and 2; of the scales at which the objects found measure near
+    the model's own diameter (0.6 to 1.6 times), the largest estimate is kept (fragments are
     smaller than the objects they come from), and one more pass at the scale that estimate
-    implies refines it.
+    implies refines it, when it agrees (its objects, too, measure near the model's size).
 
     Returns
     -------
@@ -202,7 +203,9 @@ def estimate_diameter(model, image, channel_axis=None, threshold=0.5, min_size=0
     # the largest consistent estimate is the objects themselves
     estimate = max(candidates)
     factor = min(max(model_diameter / estimate, SMALLEST_FACTOR), LARGEST_FACTOR)
-    return _measured(model, plane, factor, threshold, min_size, engine) or estimate
+    refined = _measured(model, plane, factor, threshold, min_size, engine)
+    consistent = refined is not None and _COMFORT[0] <= refined * factor / model_diameter <= _COMFORT[1]
+    return refined if consistent else estimate
 
 
 def _measured(model, plane, factor, threshold, min_size, engine) -> float | None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -338,7 +339,7 @@ def _run(job, client, skipped, should_stop) -> Iterator[ClusterEvent]:
         future.result()   # a block that failed on every retry raises here
         done += 1
         if should_stop():
-            client.cancel(futures + list(stats.values()))
+            _cancel_and_settle(client, futures + list(stats.values()))
             yield ClusterEvent("blocks", done, total, skipped=skipped, stopped=True)
             return
         yield ClusterEvent("blocks", done, total, skipped=skipped)
@@ -375,6 +376,28 @@ class InProcess:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+_SETTLE_SECONDS = 300
+
+
+def _cancel_and_settle(client, futures) -> None:
+    """Cancel the run's tasks and wait for those already running to end (a block runs to its
+    end and records itself), so a stopped run leaves the store as the next run will find it."""
+    client.cancel(futures)
+    if isinstance(client, InProcess):
+        from concurrent.futures import wait
+
+        wait(futures, timeout=_SETTLE_SECONDS)
+        return
+    # A cancelled task that already runs goes on in its worker (the scheduler forgets it).
+    deadline = time.monotonic() + _SETTLE_SECONDS
+    while time.monotonic() < deadline and any(client.run(_executing).values()):
+        time.sleep(0.1)
+
+
+def _executing(dask_worker) -> int:
+    return len(dask_worker.state.executing)
 
 
 def _as_completed(client, futures):

@@ -146,19 +146,14 @@ def _segment_on_cluster(args) -> int:
     """``-o OUT.zarr``: everything checked, the cluster reached, then the blocks run."""
     from .core import distributed
     from .core.modelfile import load_model
-    from .core.predict import positive_or_auto
 
     _refuse_for_zarr(args)
     model_path = _model_path(args.model)
     _check_store_path(args.output, [args.input[0], model_path])
     model = load_model(model_path)
+    block = distributed.DEFAULT_BLOCK if args.block is None else args.block
     try:
-        job = distributed.plan_job(
-            model_path, args.input[0], args.output, model=model, series=args.series,
-            channel_axis=args.channel_axis, block=distributed.DEFAULT_BLOCK if args.block is None else args.block,
-            threshold=args.threshold, min_size=args.min_size, probabilities=bool(args.probabilities),
-            tile=positive_or_auto("--tile", args.tile), batch=positive_or_auto("--batch", args.batch),
-            device=args.device, precision=args.precision)
+        job = _block_job(args, args.input[0], args.output, model, block)
     except ValueError as error:
         raise UsageError(_as_option(str(error))) from None
     stop = _StopFlag()
@@ -177,6 +172,19 @@ def _segment_on_cluster(args) -> int:
     resumed = f" ({last.skipped} blocks done by an earlier run)" if last.skipped else ""
     print(f"{args.output}: {last.objects} objects in {last.total} blocks{resumed}")
     return 0
+
+
+def _block_job(args, source: Path, store: Path, model, block: int):
+    """The block-wise job for this command's engine and post-processing options."""
+    from .core import distributed
+    from .core.predict import positive_or_auto
+
+    return distributed.plan_job(
+        _model_path(args.model), source, store, model=model, series=args.series,
+        channel_axis=args.channel_axis, block=block, threshold=args.threshold,
+        min_size=args.min_size, probabilities=bool(args.probabilities),
+        tile=positive_or_auto("--tile", args.tile), batch=positive_or_auto("--batch", args.batch),
+        device=args.device, precision=args.precision)
 
 
 def _check_store_path(path: Path, inputs) -> None:
@@ -204,18 +212,13 @@ def _segment_in_blocks(args, outputs, model, axes: str) -> int:
     from .core import distributed
     from .core.io import write_tiff_tiled
     from .core.postprocess import labels_dtype
-    from .core.predict import positive_or_auto
 
     option = _whole_plane_option(args)
     if option:
         raise UsageError(f"{option}: not available for planes over {HUGE_PLANE_PIXELS // 2**20} Mpx "
                          f"(segmented block by block to bound memory)")
     store = outputs[0].with_name(f".{outputs[0].name}.{os.getpid()}.partial.zarr")
-    job = distributed.plan_job(
-        _model_path(args.model), args.input, store, model=model, series=args.series,
-        channel_axis=args.channel_axis, threshold=args.threshold, min_size=args.min_size,
-        probabilities=bool(args.probabilities), tile=positive_or_auto("--tile", args.tile),
-        batch=positive_or_auto("--batch", args.batch), device=args.device, precision=args.precision)
+    job = _block_job(args, args.input, store, model, distributed.DEFAULT_BLOCK)
     stop, executor = _StopFlag(), distributed.InProcess()
     try:
         with stop.installed():

@@ -278,19 +278,21 @@ def _multiscale(name: str, axes: list[dict]) -> dict:
                 {"type": "scale", "scale": [1.0] * len(axes)}]}]}
 
 
-def _read_record(output: Path) -> dict | None:
-    attributes = output / ".zattrs"
+def _store_record(output: Path) -> dict:
+    """This plugin's record in a store's attributes ({} for anything else)."""
     try:
-        return json.loads(attributes.read_text())[RECORD]["job"]
+        record = json.loads((output / ".zattrs").read_text())[RECORD]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _read_record(output: Path) -> dict | None:
+    return _store_record(output).get("job")
 
 
 def _complete(output: Path) -> bool:
-    try:
-        return bool(json.loads((output / ".zattrs").read_text())[RECORD]["complete"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return bool(_store_record(output).get("complete"))
 
 
 def _done_folder(output: Path) -> Path:
@@ -323,7 +325,7 @@ def _run(job, client, skipped, should_stop) -> Iterator[ClusterEvent]:
     blocks, output = job.blocks(), Path(job.output)
     total = len(blocks)
     if _complete(output):
-        yield ClusterEvent("done", total, total, skipped=total, objects=_object_count(output))
+        yield ClusterEvent("done", total, total, skipped=total, objects=_store_record(output).get("objects"))
         return
     done_names = {p.stem for p in _done_folder(output).glob("*.npz")}
     todo = [b for b in blocks if b.name not in done_names]
@@ -635,13 +637,6 @@ def _finish(output: Path, objects: int) -> None:
     record = dict(root.attrs[RECORD])
     root.attrs[RECORD] = {**record, "complete": True, "objects": objects}
     shutil.rmtree(output / _WORK, ignore_errors=True)
-
-
-def _object_count(output: Path) -> int | None:
-    try:
-        return json.loads((output / ".zattrs").read_text())[RECORD].get("objects")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def is_finished_store(path) -> bool:

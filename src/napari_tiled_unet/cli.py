@@ -322,23 +322,18 @@ def _segment_jobs(args) -> list:
     """One namespace per input file: ``input`` and ``output`` set."""
     from argparse import Namespace
 
+    from .core.batch import batch_pairs
+
     if len(args.input) == 1 and not args.input[0].is_dir():
         return [Namespace(**{**vars(args), "input": args.input[0]})]
-    files = []
-    for path in args.input:
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() in TIFF_SUFFIXES) if path.is_dir() else [path]
-        if path.is_dir() and not found:
-            raise UsageError(f"input: folder {path} holds no .tif or .tiff file")
-        files += found
-    if args.output.exists() and not args.output.is_dir():
-        raise UsageError(f"--output: with several inputs, expected a folder, got the file {args.output}")
+    try:
+        pairs = batch_pairs(args.input, args.output)
+    except ValueError as error:
+        raise UsageError(str(error).replace("output: ", "--output: ", 1)) from None
     if args.probabilities:
         raise UsageError("--probabilities: write probabilities one input at a time")
-    if len({f.stem for f in files}) != len(files):
-        raise UsageError("input: two inputs share a name; their outputs would collide")
     args.output.mkdir(parents=True, exist_ok=True)
-    return [Namespace(**{**vars(args), "input": f, "output": args.output / f"{f.stem}_labels.tif"})
-            for f in files]
+    return [Namespace(**{**vars(args), "input": f, "output": out}) for f, out in pairs]
 
 
 def _plane_axes(image, args) -> str:
@@ -349,62 +344,47 @@ def _plane_axes(image, args) -> str:
 
 
 def _segment_file(args, image, outputs, model) -> int:
-    from .core.io import IncompleteWrite, release_mapped_pages, write_tiff_streams
-    from .core.postprocess import postprocess_options
+    from .core.batch import FileOutputs, segment_file
+    from .core.io import IncompleteWrite
     from .core.predict import positive_or_auto
-    from .core.segment import segment
 
     channel_axis = image.channel_axis if args.channel_axis is None else args.channel_axis
-    if channel_axis is not None and -len(image.shape) <= channel_axis < len(image.shape):
-        channel_axis %= len(image.shape)  # out-of-range values are reported by predict
-    axes = "".join(a for i, a in enumerate(image.axes) if i != channel_axis)
-    shape = tuple(n for i, n in enumerate(image.shape) if i != channel_axis)
+    shape = [n for i, n in enumerate(image.shape) if i != _axis_index(channel_axis, image.shape)]
     if shape[-2] * shape[-1] > HUGE_PLANE_PIXELS:
-        return _segment_in_blocks(args, outputs, model, axes)
-    linker = _z_linker(args.link_z, axes)
+        return _segment_in_blocks(args, outputs, model, _plane_axes(image, args))
     stop = _StopFlag()
-    events = segment(
-        model, image.data, channel_axis=channel_axis, threshold=args.threshold,
+    targets = FileOutputs(outputs[0], args.probabilities or None,
+                          outputs[-1] if args.measure else None)
+    events = segment_file(
+        model, image, targets, channel_axis=channel_axis, link_z=args.link_z,
+        overwrite=args.overwrite, should_stop=stop, threshold=args.threshold,
         min_size=args.min_size, tile=positive_or_auto("--tile", args.tile),
         batch=positive_or_auto("--batch", args.batch), device=args.device,
-        precision=args.precision, should_stop=stop, diameter=args.diameter,
+        precision=args.precision, diameter=args.diameter,
     )
-    _, min_size = postprocess_options(model.metadata, args.threshold, args.min_size)
-    counts: list[int] = []
-    table = _MeasurementTable(outputs[-1], image.data, channel_axis) if args.measure else None
-
-    def on_plane(plane, labels):
-        if table is not None:
-            table.add(plane, labels)
-        release_mapped_pages(image.data)
-
-    rows = _plane_rows(events, args.quiet, counts, on_plane=on_plane, linker=linker)
-    # Labels compress many times over, which matters when their dtype must be wide.
-    planes = int(np.prod(shape[:-2], dtype=np.int64)) if linker else 1
-    targets = [(outputs[0], shape, _labels_dtype(shape, min_size, planes), axes, True)]
-    if args.probabilities:
-        targets.append((outputs[1], shape, np.float32, axes, False))
     try:
-        with stop.installed(), contextlib.closing(rows):   # closes the progress bar first
-            write_tiff_streams(targets, rows, overwrite=args.overwrite)
+        with stop.installed():
+            last = _drain_file(events, args.quiet)
     except (IncompleteWrite, KeyboardInterrupt):
+        last = None
+    if last is None or last.stopped:
         print("tiled-unet segment: stopped; no output was written", file=sys.stderr)
         return stop.exit_code
-    finally:
-        if table is not None:
-            table.close()
-    if table is not None:
-        table.commit()
-    if linker is not None:
-        print(f"{args.output}: {linker.next_id - 1} objects linked across {len(counts)} plane(s) "
-              f"({sum(counts)} in the planes)")
+    if last.linked is not None:
+        print(f"{args.output}: {last.linked} objects linked across {last.planes} plane(s) "
+              f"({last.objects} in the planes)")
     else:
-        print(f"{args.output}: {sum(counts)} objects in {len(counts)} plane(s)"
-              f"{' (ids restart at 1 in each plane)' if len(counts) > 1 else ''}")
+        print(f"{args.output}: {last.objects} objects in {last.planes} plane(s)"
+              f"{' (ids restart at 1 in each plane)' if last.planes > 1 else ''}")
     return 0
 
 
-TIFF_SUFFIXES = (".tif", ".tiff")
+def _axis_index(axis, shape) -> int | None:
+    if axis is not None and -len(shape) <= axis < len(shape):
+        return axis % len(shape)
+    return axis
+
+
 # Planes larger than this (8192 x 8192) are segmented block by block through a temporary store
 # beside the output, so memory stays bounded by a block (a whole-slide scan is one plane).
 HUGE_PLANE_PIXELS = 1 << 26
@@ -413,6 +393,8 @@ _CONNECT_TIMEOUT_S = 5
 
 def _checked_outputs(args) -> list[Path]:
     """The TIFF outputs, then the measurements CSV when asked for; all checked before work."""
+    from .core.batch import TIFF_SUFFIXES, check_output_path
+
     outputs = [args.output] + ([args.probabilities] if args.probabilities else [])
     inputs = [args.input, _model_path(args.model)]
     for option, path in zip(("--output", "--probabilities"), outputs):
@@ -424,29 +406,6 @@ def _checked_outputs(args) -> list[Path]:
     return outputs + ([args.output.with_suffix(".csv")] if args.measure else [])
 
 
-def check_output_path(option: str, path: Path, inputs, overwrite: bool, suffixes=None) -> None:
-    """Refuse, before any work, an output that cannot be written or must not be: a folder, a
-    wrong file type, one of the run's inputs (links and hard links resolved), an existing file
-    without ``--overwrite``, a missing or read-only folder."""
-    import os
-
-    if suffixes and path.suffix.lower() not in suffixes:
-        raise UsageError(f"{option}: expected a file name ending in {' or '.join(suffixes)}, got {path}")
-    if path.is_dir():
-        raise UsageError(f"{option}: {path} is a folder; expected a file name")
-    for source in inputs:
-        if source is not None and path.exists() and Path(source).exists() and os.path.samefile(path, source):
-            raise UsageError(f"{option}: {path} is one of this run's inputs ({source}); "
-                             f"choose another output")
-    if path.exists() and not overwrite:
-        raise UsageError(f"{option}: {path} exists; pass --overwrite to replace it")
-    folder = path.parent
-    if not folder.is_dir():
-        raise UsageError(f"{option}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"{option}: folder {folder} is not writable")
-
-
 def _model_path(path: Path | None) -> Path:
     if path is not None:
         return path
@@ -455,26 +414,11 @@ def _model_path(path: Path | None) -> Path:
     return DEFAULT_MODEL
 
 
-def _labels_dtype(shape, min_size, planes: int = 1) -> np.dtype:
-    from .core.postprocess import labels_dtype
-
-    # The file's dtype is fixed before the first plane is labelled: bound the id count by the
-    # number of disjoint objects of at least min_size pixels that fit in a plane (in every
-    # plane, when ids run through the stack).
-    height, width = shape[-2:]
-    return labels_dtype(planes * (height * width // max(min_size, 1)))
-
-
 def _z_linker(min_iou, axes: str):
-    from .core.postprocess import ZLinker
+    from .core.batch import z_linker
 
-    if min_iou is None:
-        return None
-    if len(axes) < 3 or axes[-3] != "Z":
-        raise UsageError(f"--link-z: expected a stack whose plane axis just before Y, X is Z, "
-                         f"got axes {axes!r}")
     try:
-        return ZLinker(min_iou)
+        return z_linker(min_iou, axes)
     except ValueError as error:
         raise UsageError(f"--link-z: {str(error).split(': ', 1)[1]}") from None
 
@@ -491,72 +435,20 @@ def _diameter(text: str):
     return value
 
 
-def _plane_rows(events, quiet, counts, on_plane, linker=None):
-    """Drain the segment step; yield (labels, probability) for each plane, in order (labels
-    linked across Z by ``linker`` when given)."""
-    bar = _ProgressBar(quiet)
-    told = False
+def _drain_file(events, quiet):
+    """Drain the file step with a progress bar; the last event."""
+    bar, last, told = _ProgressBar(quiet), None, False
     try:
-        for event in events:
-            if not told and event.diameter is not None:
+        for last in events:
+            step = last.step
+            if not told and step.diameter is not None:
                 told = True
-                print(f"tiled-unet segment: object diameter {event.diameter:.1f} px; planes "
-                      f"segmented at {event.factor:.3g}x", file=sys.stderr)
-            bar.update(event)
-            for plane in event.planes:
-                counts.append(plane.count)
-                labels = plane.labels
-                if linker is not None:
-                    labels = linker.link(labels, new_stack=plane.lead[-1] == 0)
-                on_plane(plane, labels)
-                yield labels, plane.probability
+                print(f"tiled-unet segment: object diameter {step.diameter:.1f} px; planes "
+                      f"segmented at {step.factor:.3g}x", file=sys.stderr)
+            bar.update(step)
     finally:
         bar.close()
-
-
-class _MeasurementTable:
-    """Per-object rows of every plane, streamed to a temporary CSV and renamed at the end."""
-
-    def __init__(self, path: Path, data, channel_axis):
-        import csv
-        import os
-
-        self.path, self.data, self.channel_axis = path, data, channel_axis
-        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        self.handle = open(self.tmp, "w", newline="")
-        self.writer = None
-        self.csv = csv
-
-    def add(self, plane, labels) -> None:
-        from .core.measure import measure_plane
-
-        columns = measure_plane(labels, self._intensity(plane.lead))
-        if self.writer is None:
-            self.writer = self.csv.DictWriter(self.handle, fieldnames=["plane", *columns])
-            self.writer.writeheader()
-        for row in zip(*columns.values()):
-            self.writer.writerow({"plane": plane.index, **dict(zip(columns, row))})
-
-    def _intensity(self, lead):
-        from .core.predict import PlaneView
-
-        plane = np.asarray(PlaneView(self.data, lead, self.channel_axis)[:, :, :])
-        return plane if self.channel_axis is not None else plane[0]
-
-    def close(self) -> None:
-        if not self.handle.closed:
-            self.handle.close()
-
-    def commit(self) -> None:
-        import os
-
-        self.close()
-        os.replace(self.tmp, self.path)
-
-    def __del__(self):
-        self.close()
-        if self.tmp.exists():
-            self.tmp.unlink()
+    return last
 
 
 class _ProgressBar:
@@ -667,6 +559,7 @@ def _train(args) -> int:
     from dataclasses import replace
 
     from .core.augment import Augmentation
+    from .core.batch import check_output_path
     from .core.model import UNetConfig
     from .core.targets import n_classes_of
     from .core.train import TrainConfig, train

@@ -113,3 +113,17 @@ def test_nan_weights_are_refused(tmp_path):
     save_model(model, tmp_path / "nan.safetensors")
     with pytest.raises(ValueError, match="NaN or infinite weights .*head.bias"):
         load_model(tmp_path / "nan.safetensors")
+
+
+def test_a_new_model_predicts_the_same_before_and_after_a_round_trip(tmp_path, rng):
+    """One declared record (normalisation, metadata), no fallbacks that differ between the
+    engine and the file."""
+    from napari_tiled_unet.core.predict import predict_array
+
+    model = make_model(depth=2, base_channels=4, seed=7)
+    image = (rng.random((60, 70)) * 1000).astype(np.float32)   # far from [0, 1]: scaling shows
+    before = predict_array(model, image)
+    loaded = load_model(save_model(model, tmp_path / "m.safetensors"))
+    np.testing.assert_array_equal(predict_array(loaded, image), before)
+    assert loaded.normalization == model.normalization == Normalization("none")
+    assert loaded.metadata == model.metadata == {}

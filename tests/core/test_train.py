@@ -312,3 +312,20 @@ def test_the_fiji_variant_brings_its_own_w0_and_sigma_from_python_too():
     fiji = TrainConfig(weights="fiji")
     assert (fiji.w0, fiji.sigma) == VARIANT_DEFAULTS["fiji"] == (50.0, 6.0)
     assert (TrainConfig(weights="fiji", w0=7.0).w0, TrainConfig(weights="fiji", w0=7.0).sigma) == (7.0, 6.0)
+
+
+def test_resume_keeps_the_normalisation_of_the_stopped_run(tmp_path):
+    """The checkpoint records how inputs were scaled; a resumed run (whose own config says
+    otherwise) goes on with it and writes it into the model."""
+    from dataclasses import replace
+
+    from napari_tiled_unet.core.normalize import Normalization
+
+    samples = [Sample(*touching_blobs(seed)) for seed in range(2)]
+    output = tmp_path / "m.safetensors"
+    polls = []
+    first = replace(quick(iterations=9, validate_every=4), normalization=Normalization("percentile", 2.0, 98.0))
+    list(train(samples, output, config=first, model_config=TINY,
+               should_stop=lambda: polls.append(1) or len(polls) > 5))
+    list(train(samples, output, config=quick(iterations=9, validate_every=4), resume=True))
+    assert load_model(output).normalization == Normalization("percentile", 2.0, 98.0)

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -393,3 +394,193 @@ def test_a_model_worse_than_its_start_is_saved_but_not_selected(viewer, tmp_path
     widget._on_returned(TrainEvent(5, 5, 0.1, None, {"ap50": 0.0, "iou": 0.1}, 2.0, data=data))
     assert SESSION_MODELS.paths[0] == (tmp_path / "trained.safetensors").resolve()
     assert "It finds no validation object yet" in shown[-1]
+
+
+TRAIN_IN_A_FRESH_PROCESS = """
+import sys
+import numpy as np
+import napari
+from qtpy.QtWidgets import QApplication
+
+viewer = napari.Viewer(show=False)          # the OpenGL context exists before torch is imported
+yy, xx = np.mgrid[:96, :96]
+labels = np.zeros((96, 96), np.uint16)
+for i, (y, x) in enumerate([(30, 30), (30, 44), (70, 60)], start=1):
+    labels[(yy - y) ** 2 + (xx - x) ** 2 < 64] = i
+image = np.where(labels > 0, 200, 20).astype(np.uint8)
+viewer.add_image(image, name="cells")
+viewer.add_labels(labels, name="cells annotation")
+_, widget = viewer.window.add_plugin_dock_widget("napari-tiled-unet", "Train (U-Net)")
+assert "torch" not in sys.modules
+widget._iterations.value, widget._patch.value, widget._batch.value = 3, 188, 1
+widget._output.value = sys.argv[1]
+widget.start()
+app = QApplication.instance()
+while widget.running:
+    app.processEvents()
+print("iterations", widget.last_event.iteration, "triton blocked", sys.modules.get("triton", 0) is None)
+viewer.close()
+"""
+
+
+def test_train_works_in_a_fresh_process_whose_viewer_came_first(tmp_path):
+    """Issue 14 #1: training crashed when torch first loaded after napari's OpenGL context
+    (Mesa + the CUDA build's triton). Here nothing loads torch before the viewer exists."""
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_IN_A_FRESH_PROCESS)
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "m.safetensors")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("iterations 3 ")
+    assert load_model(tmp_path / "m.safetensors").metadata["trained_iterations"] >= 1
+
+
+def test_triton_is_kept_out_only_beside_mesas_llvm(monkeypatch):
+    from napari_tiled_unet._napari._triton import keep_triton_out
+
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    assert not keep_triton_out("7f00-7f10 r-xp 0 08:01 1 /usr/lib/libGL.so.1\n")
+    assert "triton" not in sys.modules
+    mesa = "7f00-7f10 r-xp 0 08:01 2 /usr/lib/x86_64-linux-gnu/dri/swrast_dri.so\n"
+    assert keep_triton_out(mesa)
+    with pytest.raises(ImportError):
+        import triton  # noqa: F401
+
+
+SAMPLE_FOLDER = Path(__file__).parents[2] / "sample_data"
+
+
+def sample_image(name):
+    import tifffile
+
+    return tifffile.imread(SAMPLE_FOLDER / f"{name}_image.tif")
+
+
+def test_link_z_and_measurements_on_a_sample_stack(viewer, qtbot, tmp_path, errors):
+    """Three copies of a sample image as a Z stack, the bundled model: linked ids run through
+    the stack, and every object of every plane is measured (layer features and a CSV)."""
+    import pandas as pd
+
+    from napari_tiled_unet.core.measure import measure_plane
+    from napari_tiled_unet.models import DEFAULT_MODEL
+
+    plane = sample_image("nuclei_b")
+    viewer.add_image(np.stack([plane] * 3), name="z")
+    widget = segment_widget(viewer, DEFAULT_MODEL)
+    widget._diameter.value = "none"
+    widget._link_z.value = 0.5
+    widget._measure.value = True
+    widget._table_file.value = tmp_path / "objects.csv"
+    run_and_wait(qtbot, widget)
+    assert not errors
+    layer = viewer.layers["z labels"]
+    labels = np.asarray(layer.data)
+    count = len(np.unique(labels[0])) - 1
+    assert count > 15
+    np.testing.assert_array_equal(labels[1], labels[0])
+    np.testing.assert_array_equal(labels[2], labels[0])
+    table = layer.features
+    assert len(table) == 3 * count and list(table["plane"].unique()) == [0, 1, 2]
+    expected = measure_plane(labels[2], plane)
+    last = table[table["plane"] == 2]
+    np.testing.assert_array_equal(last["label"], expected["label"])
+    np.testing.assert_allclose(last["mean_intensity"], expected["mean_intensity"])
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "objects.csv"), table, check_dtype=False)
+
+
+def test_link_z_on_a_single_plane_is_refused_before_work(viewer, model_file, errors):
+    viewer.add_image(np.zeros((40, 40), np.float32), name="flat")
+    widget = segment_widget(viewer, model_file)
+    widget._link_z.value = 0.5
+    widget.start()
+    assert not widget.running
+    assert errors == ["link Z: expected a stack (a Z axis before Y, X); set it to 0 for a single plane"]
+
+
+def folder_of_samples(tmp_path):
+    import shutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("nuclei_b", "nuclei_c"):
+        shutil.copy(SAMPLE_FOLDER / f"{name}_image.tif", folder)
+    return folder
+
+
+def folder_widget(viewer, tmp_path, model):
+    widget = segment_widget(viewer, model)
+    widget._scope.value = "folder of files"
+    widget._in_folder.value = folder_of_samples(tmp_path)
+    widget._out_folder.value = tmp_path / "out"
+    (tmp_path / "out").mkdir()
+    return widget
+
+
+def test_a_folder_is_segmented_into_a_folder_with_the_model_loaded_once(viewer, qtbot, tmp_path,
+                                                                         monkeypatch, errors):
+    import tifffile
+
+    from napari_tiled_unet.core import modelfile
+    from napari_tiled_unet.core.segment import segment
+    from napari_tiled_unet.models import DEFAULT_MODEL
+
+    loads = []
+    real_load = modelfile.load_model
+    monkeypatch.setattr(modelfile, "load_model", lambda path: loads.append(path) or real_load(path))
+    shown = []
+    monkeypatch.setattr(segment_module, "show_info", shown.append)
+    widget = folder_widget(viewer, tmp_path, DEFAULT_MODEL)
+    assert not widget._in_folder.native.isHidden() and widget._image.native.isHidden()
+    widget._diameter.value = "none"
+    widget._measure.value = True
+    run_and_wait(qtbot, widget)
+    assert not errors and len(loads) == 1
+    objects = 0
+    model = real_load(DEFAULT_MODEL)
+    for name in ("nuclei_b", "nuclei_c"):
+        written = tifffile.imread(tmp_path / "out" / f"{name}_image_labels.tif")
+        events = list(segment(model, sample_image(name), device="cpu"))
+        expected = [p.labels for e in events for p in e.planes][0]
+        np.testing.assert_array_equal(written, expected)
+        rows = (tmp_path / "out" / f"{name}_image_labels.csv").read_text().splitlines()
+        assert len(rows) - 1 == int(expected.max())
+        objects += int(expected.max())
+    assert shown[-1] == f"in: 2 files segmented, {objects} objects; labels in {tmp_path / 'out'}"
+
+
+def test_a_folder_run_refuses_to_replace_labels_files_and_cancels_cleanly(viewer, qtbot, tmp_path,
+                                                                          errors, monkeypatch):
+    shown = []
+    monkeypatch.setattr(segment_module, "show_info", shown.append)
+    from napari_tiled_unet.models import DEFAULT_MODEL
+
+    widget = folder_widget(viewer, tmp_path, DEFAULT_MODEL)
+    (tmp_path / "out" / "nuclei_c_image_labels.tif").write_bytes(b"earlier result")
+    widget.start()
+    assert not widget.running
+    assert errors and errors[-1].startswith("output folder: ") and "exists" in errors[-1]
+    widget._replace.value = True
+    widget._job = None
+    widget.start()
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
+    assert shown[-1].startswith("Segmentation of folder 'in' cancelled")
+    assert (tmp_path / "out" / "nuclei_c_image_labels.tif").read_bytes() == b"earlier result"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["nuclei_c_image_labels.tif"]
+
+
+def test_load_from_file_with_no_file_picked_says_so(viewer, errors):
+    viewer.add_image(np.zeros((40, 40), np.float32), name="img")
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment (U-Net)")
+    widget._model.value = segment_module.FROM_FILE   # and no file picked
+    widget.start()
+    assert errors == ["model file: none picked; choose a .safetensors model file"]
+
+
+def test_threshold_device_and_loss_weights_explain_themselves(viewer):
+    _, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment (U-Net)")
+    _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train (U-Net)")
+    assert "probability (0-1)" in segment._threshold.tooltip
+    assert "CUDA" in segment._device.tooltip
+    assert "(px" in segment._min_size.tooltip
+    assert "paper: 10" in train._w0.tooltip and "(px)" in train._sigma.tooltip

@@ -10,16 +10,18 @@ from pathlib import Path
 
 import numpy as np
 from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, LineEdit,
-                              PushButton, SpinBox, create_widget)
+                              ProgressBar, PushButton, SpinBox, create_widget)
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ..core.predict import positive_or_auto
 from ._layers import Placement, current_plane_index, is_lazy, model_input, plane_of
+from ._triton import keep_triton_out
 from ._session import FROM_FILE, SESSION_MODELS, model_choices
 from ._work import Failure, LazyProgress
 
-SCOPES = ("whole stack", "current plane")
+SCOPES = ("whole stack", "current plane", "folder of files")
+FOLDER = SCOPES[2]
 
 
 @dataclass
@@ -37,7 +39,27 @@ class SegmentJob:
     probabilities: bool
     placement: Placement
     plane: tuple | None = None    # leading index when only the current plane is segmented
+    link_z: float | None = None   # IoU for linking objects across Z, or None
+    measure: bool = False
+    table: Path | None = None     # CSV of the measurements
     stop: threading.Event = field(default_factory=threading.Event)
+    layer_removed: bool = False
+
+
+@dataclass
+class FolderJob:
+    """A run over the image files of a folder into a folder of labels files."""
+
+    name: str                     # the input folder, for messages
+    pairs: list                   # (input file, labels file)
+    images: list                  # the opened inputs (core.io.LazyImage)
+    model_path: Path
+    options: dict                 # engine and post-processing options of core.segment
+    link_z: float | None
+    measure: bool                 # a NAME_labels.csv beside each labels file
+    overwrite: bool
+    stop: threading.Event = field(default_factory=threading.Event)
+    layer: None = None
     layer_removed: bool = False
 
 
@@ -46,30 +68,51 @@ class SegmentWidget(Container):
 
     def __init__(self, napari_viewer):
         super().__init__(labels=True)
+        keep_triton_out()   # before torch first runs in this process (see _triton)
         self._viewer = napari_viewer
         self._image = create_widget(annotation="napari.layers.Image", label="image")
         self._channel_axis = ComboBox(label="channel axis", choices=self._channel_choices)
         self._model = ComboBox(label="model", choices=model_choices)
         self._model_file = FileEdit(label="model file", filter="*.safetensors", visible=False)
-        self._device = ComboBox(label="device", choices=_device_choices)
+        self._device = ComboBox(label="device", choices=_device_choices,
+                                tooltip="auto: the first CUDA GPU if there is one, else the CPU")
         self._tile = LineEdit(label="tile size", value="auto", tooltip="input tile in pixels, or auto")
         self._batch = LineEdit(label="batch", value="auto", tooltip="tiles per forward pass, or auto")
-        self._threshold = FloatSpinBox(label="threshold", value=0.5, min=0.0, max=0.99, step=0.05)
+        self._threshold = FloatSpinBox(
+            label="threshold", value=0.5, min=0.0, max=0.99, step=0.05,
+            tooltip="probability (0-1) above which a pixel belongs to an object (to an object's "
+                    "interior for 3-class models); starts at the model's recommendation")
         self._diameter = LineEdit(label="object diameter", value="auto",
                                   tooltip="typical object diameter in px, auto (estimated from the "
                                           "first plane) or none (segment the image as it is)")
         self._min_size = SpinBox(label="min object size", value=0, min=0, max=10**7,
-                                 tooltip="objects with fewer pixels are removed")
+                                 tooltip="objects with fewer pixels (px, in the image's grid) are removed")
+        self._link_z = FloatSpinBox(
+            label="link Z (IoU)", value=0.0, min=0.0, max=1.0, step=0.05,
+            tooltip="0: off (ids restart in each plane). Otherwise an object continues the one in "
+                    "the Z plane before it that it overlaps with at least this IoU: one id per "
+                    "3D object (as cellpose's stitch_threshold)")
+        self._measure = CheckBox(text="measure objects (area, centroid, box, mean intensity)")
+        self._table_file = FileEdit(label="save table to", mode="w", filter="*.csv",
+                                    tooltip="optional: the measurements as a CSV file")
+        self._in_folder = FileEdit(label="input folder", mode="d", visible=False,
+                                   tooltip="every .tif/.tiff file in it is segmented")
+        self._out_folder = FileEdit(label="output folder", mode="d", visible=False,
+                                    tooltip="NAME_labels.tif (and NAME_labels.csv) per input")
+        self._replace = CheckBox(text="replace existing files", visible=False)
         self._probabilities = CheckBox(text="add a probability layer too")
         self._scope = ComboBox(label="scope", choices=SCOPES)
         self._keep = CheckBox(text="keep earlier results (new layer each run)")
         self._run = PushButton(text="Segment")
         self._cancel = PushButton(text="Cancel", enabled=False)
+        self._progress = ProgressBar(label="progress", visible=False)
         self.extend([self._image, self._channel_axis, self._model, self._model_file, self._device,
                      self._tile, self._batch, self._diameter, self._threshold, self._min_size,
-                     self._probabilities,
-                     self._scope, self._keep, self._run, self._cancel])
+                     self._link_z, self._measure, self._table_file, self._probabilities,
+                     self._scope, self._in_folder, self._out_folder, self._replace, self._keep,
+                     self._run, self._cancel, self._progress])
         self._image.changed.connect(lambda *_: self._channel_axis.reset_choices())
+        self._scope.changed.connect(self._on_scope_changed)
         self._model.changed.connect(self._on_model_changed)
         self._model_file.changed.connect(self._on_model_changed)
         self._run.changed.connect(self.start)
@@ -102,18 +145,19 @@ class SegmentWidget(Container):
         if self.running:
             return
         try:
-            job = self._job_from_form()
+            job = self._folder_job() if self._scope.value == FOLDER else self._job_from_form()
         except (ValueError, FileNotFoundError) as error:
             show_error(str(error))
             return
         self._job, self._bar = job, LazyProgress(f"Segmenting {job.name}")
-        worker = _segment(job)
+        worker = _segment_folder(job) if isinstance(job, FolderJob) else _segment(job)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
         worker.finished.connect(self._on_finished)
         self._viewer.layers.events.removed.connect(self._on_layer_removed)
         self._worker = worker
         self._run.enabled, self._cancel.enabled = False, True
+        self._progress.value, self._progress.visible = 0, True
         worker.start()
 
     def cancel(self, *_) -> None:
@@ -139,6 +183,14 @@ class SegmentWidget(Container):
         self._threshold.value = recommended.get("threshold", 0.5)
         self._min_size.value = recommended.get("min_size", 0)
 
+    def _on_scope_changed(self, *_) -> None:
+        folder = self._scope.value == FOLDER
+        for widget in (self._in_folder, self._out_folder, self._replace):
+            widget.visible = folder
+        for widget in (self._image, self._channel_axis, self._probabilities, self._keep,
+                       self._table_file):
+            widget.visible = not folder
+
     def _on_new_session_model(self) -> None:
         self._model.reset_choices()
         self._model.value = SESSION_MODELS.paths[0]   # a model just trained is ready to apply
@@ -150,6 +202,8 @@ class SegmentWidget(Container):
 
     def _model_path(self) -> Path:
         value = self._model.value
+        if value == FROM_FILE and _no_path(self._model_file.value):
+            raise FileNotFoundError("model file: none picked; choose a .safetensors model file")
         path = Path(self._model_file.value) if value == FROM_FILE else Path(value)
         if not path.is_file():
             raise FileNotFoundError(f"model: no such file: {path}")
@@ -175,11 +229,61 @@ class SegmentWidget(Container):
                      "device": self._device.value},
             threshold=float(self._threshold.value), min_size=int(self._min_size.value),
             probabilities=bool(self._probabilities.value), placement=Placement.of(layer, axis),
-            plane=plane,
+            plane=plane, link_z=self._checked_link_z(data.ndim - (axis is not None), plane),
+            measure=bool(self._measure.value), table=self._checked_table(),
         )
 
+    def _folder_job(self) -> FolderJob:
+        """Every input opened and every output checked before any work."""
+        from ..core.batch import batch_pairs, check_output_path, z_linker
+        from ..core.io import read_tiff
+
+        if _no_path(self._in_folder.value) or _no_path(self._out_folder.value):
+            raise ValueError("input folder, output folder: pick both folders")
+        model_path = self._model_path()
+        pairs = batch_pairs([Path(self._in_folder.value)], Path(self._out_folder.value))
+        images = [read_tiff(source, name=f"input {source.name}") for source, _ in pairs]
+        link_z = self._link_z.value or None
+        for (source, output), image in zip(pairs, images):
+            z_linker(link_z, image.axes)
+            for path in [output] + ([output.with_suffix(".csv")] if self._measure.value else []):
+                check_output_path("output folder", path, [source, model_path], self._replace.value)
+        options = {"tile": positive_or_auto("tile size", self._tile.value),
+                   "diameter": diameter_setting(self._diameter.value),
+                   "batch": positive_or_auto("batch", self._batch.value),
+                   "device": self._device.value, "threshold": float(self._threshold.value),
+                   "min_size": int(self._min_size.value)}
+        return FolderJob(name=Path(self._in_folder.value).name, pairs=pairs, images=images,
+                         model_path=model_path, options=options, link_z=link_z,
+                         measure=bool(self._measure.value), overwrite=bool(self._replace.value))
+
+    def _checked_link_z(self, ndim: int, plane) -> float | None:
+        if not self._link_z.value or plane is not None:
+            return None
+        if ndim < 3:
+            raise ValueError("link Z: expected a stack (a Z axis before Y, X); set it to 0 for "
+                             "a single plane")
+        return float(self._link_z.value)
+
+    def _checked_table(self) -> Path | None:
+        from ..core.batch import check_output_path
+
+        if _no_path(self._table_file.value):
+            return None
+        if not self._measure.value:
+            raise ValueError("save table to: tick 'measure objects' to write a table")
+        path = Path(self._table_file.value)
+        # the save dialog has asked before replacing a file
+        check_output_path("save table to", path, [], overwrite=True, suffixes=(".csv",))
+        return path
+
     def _on_progress(self, event) -> None:
+        if isinstance(self._job, FolderJob):
+            index, event = event
+            self._progress.label = f"file {index + 1}/{len(self._job.pairs)}"
+            event = event.step
         self._bar.update(event.done, event.total)
+        self._progress.max, self._progress.value = max(event.total, 1), event.done
 
     def _on_layer_removed(self, event) -> None:
         # Only flags here: a notification raised inside napari's removal event crashed napari
@@ -192,13 +296,19 @@ class SegmentWidget(Container):
         job = self._job
         if isinstance(result, Failure):
             show_error(result.message)
+        elif isinstance(job, FolderJob):
+            _report_folder(job, result)
         elif job.layer_removed:
             show_warning(f"image: layer {job.name!r} was removed; segmentation stopped")
         elif result is None:
             show_info(f"Segmentation of {job.name!r} cancelled; nothing was added")
         elif job.layer in self._viewer.layers:
-            labels, probability, count, diameter = result
-            self._show_labels(job, labels)
+            labels, probability, count, diameter, table = result
+            layer = self._show_labels(job, labels)
+            if table is not None:
+                import pandas as pd
+
+                layer.features = pd.DataFrame(table)
             if probability is not None:
                 self._viewer.add_image(probability, name=f"{job.name} probability",
                                        colormap="magma", blending="additive",
@@ -211,9 +321,10 @@ class SegmentWidget(Container):
         self._bar.close()
         self._worker, self._job = None, None
         self._run.enabled, self._cancel.enabled = True, False
+        self._progress.visible = False
         self._device.reset_choices()
 
-    def _show_labels(self, job: SegmentJob, labels) -> None:
+    def _show_labels(self, job: SegmentJob, labels):
         previous = self._results.get(id(job.layer))
         if previous not in self._viewer.layers or self._keep.value:
             previous = None
@@ -223,9 +334,25 @@ class SegmentWidget(Container):
             layer = self._viewer.add_labels(labels, name=f"{job.name} labels",
                                             **job.placement.layer_kwargs())
             self._results[id(job.layer)] = layer
-        else:
-            previous.data = labels
-            previous.scale, previous.translate = job.placement.scale, job.placement.translate
+            return layer
+        previous.data = labels
+        previous.scale, previous.translate = job.placement.scale, job.placement.translate
+        return previous
+
+
+def _no_path(value) -> bool:
+    """An empty file field (magicgui gives Path("."))."""
+    return str(value).strip() in ("", ".")
+
+
+def _report_folder(job: FolderJob, result) -> None:
+    if result is None:
+        show_info(f"Segmentation of folder {job.name!r} cancelled; files already finished were "
+                  f"kept, no partial file was written")
+        return
+    objects = sum(count for _, count in result)
+    show_info(f"{job.name}: {len(result)} files segmented, {objects} objects; labels in "
+              f"{job.pairs[0][1].parent}")
 
 
 def _into_stack(previous, job: SegmentJob, plane_labels):
@@ -256,9 +383,11 @@ def _allocate(shape, dtype, lazy: bool, name: str):
 @thread_worker
 def _segment(job: SegmentJob):
     """Worker: drains the core segment step, yielding its events; returns (labels,
-    probability or None, object count, object diameter or None), None when cancelled, or a
-    Failure."""
+    probability or None, object count, object diameter or None, measurements or None), None
+    when cancelled, or a Failure."""
+    from ..core.measure import MeasurementTable
     from ..core.modelfile import load_model
+    from ..core.postprocess import ZLinker
     from ..core.segment import segment
 
     data, axis = job.data, job.channel_axis
@@ -274,21 +403,64 @@ def _segment(job: SegmentJob):
         return Failure(str(error))
     planes, probability = {}, _allocate(shape, np.float32, lazy, "probability") if job.probabilities else None
     labels = _allocate(shape, np.uint32, True, "labels") if lazy else None
+    linker = None if job.link_z is None else ZLinker(job.link_z)
+    table = MeasurementTable(data, axis, job.table, keep=True) if job.measure else None
     count, event = 0, None
-    for event in events:
-        if event.stopped:
-            return None
-        for plane in event.planes:
-            count += plane.count
-            if probability is not None:
-                probability[plane.lead] = plane.probability
-            if lazy:
-                labels[plane.lead] = plane.labels
-            else:
-                planes[plane.lead] = plane.labels
-        yield event
+    try:
+        for event in events:
+            if event.stopped:
+                return None
+            for plane in event.planes:
+                plane_labels = plane.labels
+                if linker is not None:
+                    plane_labels = linker.link(plane_labels, new_stack=plane.lead[-1] == 0)
+                if table is not None:
+                    table.add(plane.index, plane.lead, plane_labels)
+                count += plane.count
+                if probability is not None:
+                    probability[plane.lead] = plane.probability
+                if lazy:
+                    labels[plane.lead] = plane_labels
+                else:
+                    planes[plane.lead] = plane_labels
+            yield event
+        if table is not None:
+            table.commit()
+    finally:
+        if table is not None:
+            table.discard()
     diameter = event.diameter if event is not None else None
-    return (labels if lazy else _stacked(planes, shape)), probability, count, diameter
+    count = count if linker is None else linker.next_id - 1
+    result = labels if lazy else _stacked(planes, shape)
+    return result, probability, count, diameter, None if table is None else table.columns
+
+
+@thread_worker
+def _segment_folder(job: FolderJob):
+    """Worker: each file through the core file step (the model loaded once), yielding
+    (file index, event); returns [(file name, objects)], None when cancelled, or a Failure."""
+    from ..core.batch import FileOutputs, segment_file
+    from ..core.modelfile import load_model
+
+    try:
+        model = load_model(job.model_path)
+    except (ValueError, FileNotFoundError) as error:
+        return Failure(str(error))
+    done = []
+    for index, ((source, output), image) in enumerate(zip(job.pairs, job.images)):
+        outputs = FileOutputs(output, table=output.with_suffix(".csv") if job.measure else None)
+        try:
+            events = segment_file(model, image, outputs, channel_axis=image.channel_axis,
+                                  link_z=job.link_z, overwrite=job.overwrite,
+                                  should_stop=job.stop.is_set, **job.options)
+            for event in events:
+                if event.stopped:
+                    return None
+                yield index, event
+        except (ValueError, FileNotFoundError, FileExistsError) as error:
+            return Failure(f"{source.name}: {error} ({len(done)} files finished before it were kept)")
+        done.append((source.name, event.objects if event.linked is None else event.linked))
+    return done
 
 
 def diameter_setting(text: str):

@@ -15,6 +15,7 @@ from napari.utils.notifications import show_error, show_info, show_warning
 
 from ._layers import full_resolution, model_input
 from ..core.weights import VARIANT_DEFAULTS
+from ._triton import keep_triton_out
 from ._session import SESSION_MODELS
 from ._work import Failure, LazyProgress
 from ..models import DEFAULT_MODEL
@@ -43,6 +44,7 @@ class TrainWidget(Container):
 
     def __init__(self, napari_viewer):
         super().__init__(labels=True)
+        keep_triton_out()   # before torch first runs in this process (see _triton)
         self._viewer = napari_viewer
         self._image = create_widget(annotation="napari.layers.Image", label="image")
         self._labels_layer = create_widget(annotation="napari.layers.Labels", label="labels")
@@ -55,14 +57,20 @@ class TrainWidget(Container):
         self._ignore = SpinBox(label="ignore label", value=0, min=0, max=2**31 - 1,
                                tooltip="label id ignored by the loss (0 = none)")
         paper_w0, paper_sigma = VARIANT_DEFAULTS["paper"]
-        self._w0 = FloatSpinBox(label="w0", value=paper_w0, min=0.0, max=1000.0)
-        self._sigma = FloatSpinBox(label="sigma", value=paper_sigma, min=0.01, max=1000.0)
+        self._w0 = FloatSpinBox(
+            label="w0", value=paper_w0, min=0.0, max=1000.0,
+            tooltip="extra loss weight of background pixels between two objects (unitless; "
+                    "paper: 10), so touching objects are learnt apart")
+        self._sigma = FloatSpinBox(
+            label="sigma", value=paper_sigma, min=0.01, max=1000.0,
+            tooltip="how far (px) from the two nearest objects that weight reaches (paper: 5 px)")
         self._physical = CheckBox(text="sigma in the layer's units (scale)")
         self._iterations = SpinBox(label="iterations", value=2000, min=1, max=10**7)
         self._lr = FloatSpinBox(label="learning rate", value=LEARNING_RATES["scratch"], min=1e-7,
                                 max=1.0, step=1e-5, tooltip="Adam, decaying to 0 over the run (cosine)")
-        self._batch = SpinBox(label="batch", value=4, min=1, max=256)
-        self._patch = SpinBox(label="patch size", value=252, min=16, max=4096)
+        self._batch = SpinBox(label="batch", value=4, min=1, max=256, tooltip="patches per step")
+        self._patch = SpinBox(label="patch size", value=252, min=16, max=4096,
+                              tooltip="input patch side in px")
         self._val_fraction = FloatSpinBox(label="validation fraction", value=0.1, min=0.0, max=0.9, step=0.05)
         self._start_from = ComboBox(label="start from", choices=STARTS)
         self._init_file = FileEdit(label="initial model", filter="*.safetensors", visible=False)

@@ -459,11 +459,10 @@ def _plane_stats(job: ClusterJob, lead: tuple[int, ...]):
     import dask
 
     from .io import release_mapped_pages
-    from .normalize import Normalization
     from .predict import PlaneView
 
     model = _worker_model(job)
-    norm = getattr(model, "normalization", None) or Normalization("none")
+    norm = model.normalization
     data = _worker_image(job).data
     with dask.config.set(scheduler="synchronous"):
         stats = norm.plane_stats(PlaneView(data, lead, job.channel_axis))

@@ -353,25 +353,58 @@ def write_tiff_streams(targets, rows, overwrite: bool = True) -> list[Path]:
     -------
     list of Path
     """
-    writers = [_StreamWriter(_TiffTarget(*target)) for target in targets]
-    try:
+    with TiffStreams(targets, overwrite) as streams:
         for row in rows:
-            for writer, plane in zip(writers, row):
-                writer.put(plane)
-        for writer in writers:
+            streams.put(row)
+        return streams.commit()
+
+
+class TiffStreams:
+    """Several stacks written in lockstep from rows of planes handed over one at a time (the
+    push side of :func:`write_tiff_streams`, for callers that yield progress between planes).
+
+    Use as a context manager: leaving it without :meth:`commit` (an error, a stop) removes
+    every temporary file and touches no existing one.
+
+    Parameters
+    ----------
+    targets, overwrite
+        As for :func:`write_tiff_streams`.
+    """
+
+    def __init__(self, targets, overwrite: bool = True):
+        self.overwrite = overwrite
+        self.writers = [_StreamWriter(_TiffTarget(*target)) for target in targets]
+
+    def __enter__(self) -> "TiffStreams":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def put(self, row) -> None:
+        """The next plane of every file, in the order of the targets."""
+        for writer, plane in zip(self.writers, row):
+            writer.put(plane)
+
+    def commit(self) -> list[Path]:
+        """Wait for the writers and give every file its name; raises IncompleteWrite when
+        fewer planes than the shapes hold were handed over."""
+        for writer in self.writers:
             writer.finish()
-        if not overwrite:
-            for writer in writers:
+        if not self.overwrite:
+            for writer in self.writers:
                 if writer.target.path.exists():
                     raise FileExistsError(f"{writer.target.path} appeared during the run and was "
                                           f"kept; nothing was written (pass --overwrite)")
-        for writer in writers:
-            writer.target.commit(replace=overwrite)
-    finally:
-        for writer in writers:
+        for writer in self.writers:
+            writer.target.commit(replace=self.overwrite)
+        return [writer.target.path for writer in self.writers]
+
+    def close(self) -> None:
+        for writer in self.writers:
             writer.abort()
             writer.target.discard()
-    return [writer.target.path for writer in writers]
 
 
 def write_tiff_tiled(targets, overwrite: bool = True) -> list[Path]:

@@ -30,3 +30,70 @@ def measure_plane(labels: np.ndarray, intensity: np.ndarray | None = None) -> di
         properties.append("intensity_mean")
     table = regionprops_table(np.asarray(labels), intensity_image=image, properties=properties)
     return {name.replace("intensity_mean", "mean_intensity"): values for name, values in table.items()}
+
+
+class MeasurementTable:
+    """The measurements of every plane of a stack, one row per object, gathered as planes
+    arrive: streamed to a CSV (written under a temporary name, renamed by :meth:`commit`) and,
+    with ``keep``, also held as columns (for a napari layer's ``features``).
+
+    Parameters
+    ----------
+    image : array-like, shape (..., [C,] Y, X)
+        The intensities measured under each object.
+    channel_axis : int or None
+    path : Path, optional
+        The CSV to write.
+    keep : bool
+        Keep the rows in memory (:attr:`columns`).
+    """
+
+    def __init__(self, image, channel_axis: int | None, path=None, keep: bool = False):
+        import os
+        from pathlib import Path
+
+        self.image, self.channel_axis, self.keep = image, channel_axis, keep
+        self.path = None if path is None else Path(path)
+        self.columns: dict[str, list] = {}
+        self._tmp = None if path is None else self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        self._handle = None if path is None else open(self._tmp, "w", newline="")
+        self._writer = None
+
+    def add(self, index: int, lead: tuple, labels: np.ndarray) -> None:
+        """Measure one plane: ``index`` its C-order number, ``lead`` its leading index."""
+        import csv
+
+        measured = measure_plane(labels, self._intensity(lead))
+        columns = {"plane": np.full(len(measured["label"]), index), **measured}
+        if self.keep:
+            for name, values in columns.items():
+                self.columns.setdefault(name, []).extend(values.tolist())
+        if self._handle is not None:
+            if self._writer is None:
+                self._writer = csv.writer(self._handle)
+                self._writer.writerow(columns)
+            self._writer.writerows(zip(*columns.values()))
+
+    def _intensity(self, lead):
+        from .predict import PlaneView
+
+        plane = np.asarray(PlaneView(self.image, lead, self.channel_axis)[:, :, :])
+        return plane if self.channel_axis is not None else plane[0]
+
+    def commit(self) -> None:
+        """Close the CSV and give it its name."""
+        import os
+
+        self.close()
+        if self._tmp is not None:
+            os.replace(self._tmp, self.path)
+
+    def close(self) -> None:
+        if self._handle is not None and not self._handle.closed:
+            self._handle.close()
+
+    def discard(self) -> None:
+        """Close and remove the temporary CSV (an unfinished run leaves no file)."""
+        self.close()
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)

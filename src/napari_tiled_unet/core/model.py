@@ -8,13 +8,36 @@ tiler never hard-codes numbers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .config import NORMS, PADDINGS, Geometry, UNetConfig
+from .normalize import Normalization
 
 __all__ = ["NORMS", "PADDINGS", "UNet", "UNetConfig"]
+
+@dataclass
+class ModelRecord:
+    """What a model declares beside its architecture (``UNet.config``) and weights; saved in
+    model files and training checkpoints, and read by the engine.
+
+    Attributes
+    ----------
+    normalization : Normalization
+        How input planes are scaled; a new model scales nothing until it is given one (training
+        sets it).
+    metadata : dict
+        JSON-serialisable facts: ``diameter`` (typical object diameter of the training data,
+        px), ``postprocess`` (recommended threshold and minimum size), training iterations,
+        validation scores.
+    """
+
+    normalization: Normalization = field(default_factory=lambda: Normalization("none"))
+    metadata: dict = field(default_factory=dict)
+
 
 class _DoubleConv(nn.Sequential):
     def __init__(self, cin: int, cout: int, pad: int, norm: str | None):
@@ -46,6 +69,7 @@ class UNet(Geometry, nn.Module):
     def __init__(self, config: UNetConfig | None = None):
         super().__init__()
         self.config = config or UNetConfig()
+        self.record = ModelRecord()
         c = self.config
         pad = 1 if c.padding == "same" else 0
         widths = [c.base_channels * 2**level for level in range(c.depth + 1)]
@@ -61,6 +85,22 @@ class UNet(Geometry, nn.Module):
             self.upconvs.append(nn.ConvTranspose2d(widths[level + 1], widths[level], 2, stride=2))
             self.up.append(_DoubleConv(2 * widths[level], widths[level], pad, c.norm))
         self.head = nn.Conv2d(widths[0], c.n_classes, kernel_size=1)
+
+    @property
+    def normalization(self) -> Normalization:
+        return self.record.normalization
+
+    @normalization.setter
+    def normalization(self, value: Normalization) -> None:
+        self.record.normalization = value
+
+    @property
+    def metadata(self) -> dict:
+        return self.record.metadata
+
+    @metadata.setter
+    def metadata(self, value: dict) -> None:
+        self.record.metadata = dict(value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.padding == "same":

@@ -32,7 +32,7 @@ def save_model(model: UNet, path, *, normalization: Normalization | None = None,
     path : str or Path
         Target file (conventionally ``*.safetensors``); replaced if it exists.
     normalization : Normalization, optional
-        Input normalisation; defaults to ``model.normalization`` or percentile 1-99.8.
+        Input normalisation; defaults to ``model.normalization`` (its record).
     metadata : dict, optional
         JSON-serialisable facts (training data, iterations, metrics); defaults to
         ``model.metadata``.
@@ -44,12 +44,12 @@ def save_model(model: UNet, path, *, normalization: Normalization | None = None,
     from safetensors.torch import save_file
 
     path = Path(path)
-    norm = normalization or getattr(model, "normalization", None) or Normalization()
+    norm = normalization or model.normalization
     header = {
         "format": FORMAT,
         "config": json.dumps(model.config.to_dict()),
         "normalization": json.dumps(norm.to_dict()),
-        "metadata": json.dumps(metadata if metadata is not None else getattr(model, "metadata", {})),
+        "metadata": json.dumps(metadata if metadata is not None else model.metadata),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -351,7 +351,7 @@ class _Job:
             raise ValueError(f"batch: expected 'auto' or a positive integer, got {batch!r}")
         precision = _resolve_precision(precision, torch_device)
         compile = _resolve_compile(compile, torch_device)
-        norm = normalization or getattr(model, "normalization", None) or Normalization("none")
+        norm = normalization or model.normalization
         return cls(model, image, out, channel_axis, output, tile, int(batch), torch_device,
                    precision, norm, should_stop or (lambda: False), compile, region)
 

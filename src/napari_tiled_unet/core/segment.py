@@ -125,7 +125,7 @@ def segment(
     """
     from .predict import check_image, leading_shape, predict
 
-    threshold, min_size = postprocess_options(getattr(model, "metadata", None), threshold, min_size)
+    threshold, min_size = postprocess_options(model.metadata, threshold, min_size)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected a positive integer, got {workers!r}")
     check_image(image)
@@ -153,7 +153,7 @@ def _working_scale(model, image, channel_axis, diameter, threshold, min_size, en
     """(object diameter, working-scale factor) for ``diameter`` (None, px or "auto")."""
     if diameter is None:
         return None, 1.0
-    model_diameter = (getattr(model, "metadata", None) or {}).get("diameter")
+    model_diameter = model.metadata.get("diameter")
     if diameter == "auto":
         factor_for(model_diameter, 1.0)   # the model must know its size: fail before work
         diameter = estimate_diameter(model, image, channel_axis, threshold, min_size, **engine)
@@ -189,7 +189,7 @@ def estimate_diameter(model, image, channel_axis=None, threshold=0.5, min_size=0
     float or None
     """
     plane = _first_plane_window(image, channel_axis)
-    model_diameter = (getattr(model, "metadata", None) or {}).get("diameter")
+    model_diameter = model.metadata.get("diameter")
     if not model_diameter:
         return _measured(model, plane, 1.0, threshold, min_size, engine)
     candidates = []

@@ -223,7 +223,7 @@ class _Session:
     def diameter(self) -> float:
         """Median equivalent diameter (px) of the training objects: the model's object size.
         A fine-tuned model keeps its parent's, which its weights were tuned to."""
-        previous = dict(getattr(self.model, "metadata", {}) or {})
+        previous = dict(self.model.metadata)
         if previous.get("diameter"):
             return float(previous["diameter"])
         return median_diameter([p.truth for p in self.train_planes])
@@ -236,7 +236,8 @@ class _Session:
         resumed = _read_checkpoint(output) if resume else None
         torch.manual_seed(config.seed)  # the initial weights are part of a seeded run
         model = _initial_model(model_config, init) if resumed is None else resumed["model"]
-        if init is not None:  # the model was trained on inputs scaled its own way
+        if init is not None or (resumed is not None and "normalization" in resumed):
+            # the weights were trained on inputs scaled this way
             config = replace(config, normalization=model.normalization)
         _check_patch(model, config.patch)
         if not output.parent.is_dir():
@@ -336,7 +337,7 @@ class _Session:
     def _save(self, model, iteration, best):
         from .modelfile import save_model
 
-        previous = dict(getattr(self.model, "metadata", {}) or {})
+        previous = dict(self.model.metadata)
         metadata = {
             "trained_iterations": iteration + int(previous.get("trained_iterations", 0)),
             "validation": best,
@@ -365,7 +366,8 @@ class _Session:
             "optimizer": optimizer.state_dict(),
             "iteration": iteration,
             "best": best,
-            "metadata": dict(getattr(self.model, "metadata", {}) or {}),
+            "metadata": dict(self.model.metadata),
+            "normalization": self.config.normalization.to_dict(),
         }
         target = checkpoint_path(self.output)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -400,6 +402,8 @@ def _read_checkpoint(output: Path) -> dict:
     except Exception as error:
         raise ValueError(f"resume: {path} is not a readable training checkpoint ({error})") from None
     model.metadata = state["metadata"]
+    if "normalization" in state:   # checkpoints before the model record lack it
+        model.normalization = Normalization.from_dict(state["normalization"])
     return dict(state, model=model)
 
 

@@ -584,3 +584,28 @@ def test_threshold_device_and_loss_weights_explain_themselves(viewer):
     assert "CUDA" in segment._device.tooltip
     assert "(px" in segment._min_size.tooltip
     assert "paper: 10" in train._w0.tooltip and "(px)" in train._sigma.tooltip
+
+
+def test_a_new_threshold_relabels_from_the_kept_maps_without_the_network(viewer, qtbot, model_file,
+                                                                         monkeypatch, errors):
+    from napari_tiled_unet.core import predict as predict_module
+
+    image = touching_blobs(2, size=96)[0]
+    probability = predict_array(load_model(model_file), image)
+    threshold = float(np.quantile(probability, 0.8))   # a threshold that surely changes the labels
+    expected = instance_labels(probability, round(threshold, 2), 0)
+    assert not np.array_equal(expected, instance_labels(probability, 0.5, 0))
+    runs = []
+    real_predict = predict_module.predict
+    monkeypatch.setattr(predict_module, "predict", lambda *a, **k: runs.append(1) or real_predict(*a, **k))
+    viewer.add_image(image, name="blobs")
+    widget = segment_widget(viewer, model_file)
+    widget._min_size.value = 0
+    run_and_wait(qtbot, widget)
+    assert runs == [1]
+    layer = viewer.layers["blobs labels"]
+    widget._threshold.value = round(threshold, 2)
+    qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
+    assert runs == [1] and not errors
+    np.testing.assert_array_equal(layer.data, expected)
+    assert viewer.layers["blobs labels"] is layer and len(viewer.layers) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -117,11 +117,16 @@ class SegmentWidget(Container):
         self._model_file.changed.connect(self._on_model_changed)
         self._run.changed.connect(self.start)
         self._cancel.changed.connect(self.cancel)
+        self._threshold.changed.connect(self.relabel)
+        self._min_size.changed.connect(self.relabel)
         on_new_model = self._on_new_session_model
         SESSION_MODELS.changed.connect(on_new_model)
         # The registry outlives viewers: a closed widget must not be called back.
         self.native.destroyed.connect(lambda *_: SESSION_MODELS.changed.disconnect(on_new_model))
         self._results: dict[int, object] = {}   # id(image layer) -> its labels layer
+        self._cache: RelabelCache | None = None  # the last run's network maps
+        self._kept: dict = {}
+        self._relabel_pending = False
         self._job: SegmentJob | None = None
         self._worker = None
         self._bar = None
@@ -149,8 +154,25 @@ class SegmentWidget(Container):
         except (ValueError, FileNotFoundError) as error:
             show_error(str(error))
             return
+        self._cache, self._kept = None, {}
+        self._run_worker(job, _segment_folder(job) if isinstance(job, FolderJob) else _segment(job, self._kept))
+
+    def relabel(self, *_) -> None:
+        """Relabel the last result with the form's threshold and minimum size from the kept
+        network maps: no forward pass. Does nothing without a result of the selected image."""
+        cache = self._cache
+        if cache is None or cache.job.layer is not self._image.value:
+            return
+        if self.running:
+            self._relabel_pending = True   # run when the current work ends
+            return
+        self._relabel_pending = False
+        job = replace(cache.job, threshold=float(self._threshold.value),
+                      min_size=int(self._min_size.value), stop=threading.Event())
+        self._run_worker(job, _relabel(job, cache))
+
+    def _run_worker(self, job, worker) -> None:
         self._job, self._bar = job, LazyProgress(f"Segmenting {job.name}")
-        worker = _segment_folder(job) if isinstance(job, FolderJob) else _segment(job)
         worker.yielded.connect(self._on_progress)
         worker.returned.connect(self._on_returned)
         worker.finished.connect(self._on_finished)
@@ -171,6 +193,7 @@ class SegmentWidget(Container):
         from ..core.modelfile import read_header
 
         self._model_file.visible = self._model.value == FROM_FILE
+        self._cache = None   # another model's maps cannot be relabelled as this model's
         try:
             header = read_header(self._model_path())
         except (ValueError, FileNotFoundError):
@@ -315,6 +338,11 @@ class SegmentWidget(Container):
                                        **job.placement.layer_kwargs())
             size = "" if diameter is None else f" (object diameter {diameter:.0f} px)"
             show_info(f"{job.name}: {count} objects{size}")
+            self._keep_cache()
+
+    def _keep_cache(self) -> None:
+        if "cache" in self._kept:
+            self._cache = self._kept.pop("cache")
 
     def _on_finished(self) -> None:
         self._viewer.layers.events.removed.disconnect(self._on_layer_removed)
@@ -323,6 +351,8 @@ class SegmentWidget(Container):
         self._run.enabled, self._cancel.enabled = True, False
         self._progress.visible = False
         self._device.reset_choices()
+        if self._relabel_pending:
+            self.relabel()
 
     def _show_labels(self, job: SegmentJob, labels):
         previous = self._results.get(id(job.layer))
@@ -380,59 +410,134 @@ def _allocate(shape, dtype, lazy: bool, name: str):
                            dtype=dtype, fill_value=0)
 
 
-@thread_worker
-def _segment(job: SegmentJob):
-    """Worker: drains the core segment step, yielding its events; returns (labels,
-    probability or None, object count, object diameter or None, measurements or None), None
-    when cancelled, or a Failure."""
-    from ..core.measure import MeasurementTable
-    from ..core.modelfile import load_model
-    from ..core.postprocess import ZLinker
-    from ..core.segment import segment
+@dataclass
+class RelabelCache:
+    """The network's maps of the last run, so that a new threshold or minimum size relabels
+    without the network (in memory, or a zarr store on disk for lazy inputs)."""
 
+    job: SegmentJob
+    maps: object                  # dict lead -> maps, or an array of shape leading + maps shape
+    leads: list
+    plane_shape: tuple
+    factor: float
+    diameter: float | None
+
+
+@dataclass(frozen=True)
+class RelabelProgress:
+    done: int
+    total: int
+
+
+class _Collector:
+    """Planes in order -> the run's results: labels (linked across Z when asked), probability,
+    object count and measurements."""
+
+    def __init__(self, job: SegmentJob, data, axis, shape, lazy: bool):
+        from ..core.measure import MeasurementTable
+        from ..core.postprocess import ZLinker
+
+        self.shape, self.lazy = shape, lazy
+        self.planes: dict = {}
+        self.labels = _allocate(shape, np.uint32, True, "labels") if lazy else None
+        self.probability = _allocate(shape, np.float32, lazy, "probability") if job.probabilities else None
+        self.linker = None if job.link_z is None else ZLinker(job.link_z)
+        self.table = MeasurementTable(data, axis, job.table, keep=True) if job.measure else None
+        self.count = 0
+
+    def add(self, index: int, lead: tuple, labels, probability, count: int) -> None:
+        if self.linker is not None:
+            labels = self.linker.link(labels, new_stack=lead[-1] == 0)
+        if self.table is not None:
+            self.table.add(index, lead, labels)
+        self.count += count
+        if self.probability is not None:
+            self.probability[lead] = probability
+        if self.lazy:
+            self.labels[lead] = labels
+        else:
+            self.planes[lead] = labels
+
+    def result(self, diameter):
+        """(labels, probability or None, object count, diameter, measurements or None)."""
+        if self.table is not None:
+            self.table.commit()
+        count = self.count if self.linker is None else self.linker.next_id - 1
+        labels = self.labels if self.lazy else _stacked(self.planes, self.shape)
+        return labels, self.probability, count, diameter, None if self.table is None else self.table.columns
+
+    def discard(self) -> None:
+        if self.table is not None:
+            self.table.discard()
+
+
+def _job_input(job: SegmentJob):
+    """(data, channel axis, shape without channels, lazy) of what the job segments."""
     data, axis = job.data, job.channel_axis
     if job.plane is not None:
         data, axis = plane_of(data, job.plane, axis)
     shape = tuple(s for i, s in enumerate(data.shape) if i != axis)
-    lazy = is_lazy(job.data) and job.plane is None
+    return data, axis, shape, is_lazy(job.data) and job.plane is None
+
+
+@thread_worker
+def _segment(job: SegmentJob, keep: dict):
+    """Worker: drains the core segment step, yielding its events; returns the collected
+    result (see :meth:`_Collector.result`), None when cancelled, or a Failure. The network's
+    maps are kept in ``keep["cache"]`` for relabelling."""
+    from ..core.modelfile import load_model
+    from ..core.segment import segment
+
+    data, axis, shape, lazy = _job_input(job)
     try:
         model = load_model(job.model_path)
         events = segment(model, data, channel_axis=axis, threshold=job.threshold,
                          min_size=job.min_size, should_stop=job.stop.is_set, **job.options)
     except (ValueError, FileNotFoundError) as error:
         return Failure(str(error))
-    planes, probability = {}, _allocate(shape, np.float32, lazy, "probability") if job.probabilities else None
-    labels = _allocate(shape, np.uint32, True, "labels") if lazy else None
-    linker = None if job.link_z is None else ZLinker(job.link_z)
-    table = MeasurementTable(data, axis, job.table, keep=True) if job.measure else None
-    count, event = 0, None
+    collector, maps, event = _Collector(job, data, axis, shape, lazy), None, None
     try:
         for event in events:
             if event.stopped:
                 return None
             for plane in event.planes:
-                plane_labels = plane.labels
-                if linker is not None:
-                    plane_labels = linker.link(plane_labels, new_stack=plane.lead[-1] == 0)
-                if table is not None:
-                    table.add(plane.index, plane.lead, plane_labels)
-                count += plane.count
-                if probability is not None:
-                    probability[plane.lead] = plane.probability
-                if lazy:
-                    labels[plane.lead] = plane_labels
-                else:
-                    planes[plane.lead] = plane_labels
+                maps = _kept(maps, shape[:-2], plane, lazy)
+                collector.add(plane.index, plane.lead, plane.labels, plane.probability, plane.count)
             yield event
-        if table is not None:
-            table.commit()
+        result = collector.result(event.diameter if event is not None else None)
     finally:
-        if table is not None:
-            table.discard()
-    diameter = event.diameter if event is not None else None
-    count = count if linker is None else linker.next_id - 1
-    result = labels if lazy else _stacked(planes, shape)
-    return result, probability, count, diameter, None if table is None else table.columns
+        collector.discard()
+    keep["cache"] = RelabelCache(job, maps, list(np.ndindex(*shape[:-2])), shape[-2:],
+                                 event.factor, event.diameter)
+    return result
+
+
+def _kept(maps, leading, plane, lazy: bool):
+    if maps is None:
+        maps = {} if not lazy else _allocate(tuple(leading) + plane.maps.shape, np.float32, True, "maps")
+    maps[plane.lead] = plane.maps
+    return maps
+
+
+@thread_worker
+def _relabel(job: SegmentJob, cache: RelabelCache):
+    """Worker: the cached maps relabelled with the job's threshold and minimum size (no
+    network); yields RelabelProgress, returns as :func:`_segment` does."""
+    from ..core.segment import relabel_plane
+
+    data, axis, shape, lazy = _job_input(job)
+    collector = _Collector(job, data, axis, shape, lazy)
+    try:
+        for index, lead in enumerate(cache.leads):
+            if job.stop.is_set():
+                return None
+            labels, probability = relabel_plane(np.asarray(cache.maps[lead]), job.threshold,
+                                                job.min_size, cache.plane_shape, cache.factor)
+            collector.add(index, lead, labels, probability, int(labels.max()))
+            yield RelabelProgress(index + 1, len(cache.leads))
+        return collector.result(cache.diameter)
+    finally:
+        collector.discard()
 
 
 @thread_worker

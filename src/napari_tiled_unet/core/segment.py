@@ -37,6 +37,9 @@ class PlaneResult:
     probability : numpy.ndarray of float32, shape (Y, X)
         Foreground probability.
     count : int
+    maps : numpy.ndarray of float32, shape (Y', X') or (3, Y', X')
+        What the labels were decoded from, at the working scale: kept by callers that relabel
+        with another threshold or minimum size without the network (:func:`relabel_plane`).
     """
 
     index: int
@@ -44,6 +47,7 @@ class PlaneResult:
     labels: np.ndarray
     probability: np.ndarray
     count: int
+    maps: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -237,6 +241,37 @@ def _centred(length: int, size: int) -> slice:
     return slice(start, start + size)
 
 
+def relabel_plane(maps: np.ndarray, threshold: float, min_size: int,
+                  plane_shape: tuple[int, int], factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Instance labels and foreground probability of one plane from the network's maps: the
+    step of :func:`segment` after the network, so a new threshold or minimum size needs no
+    forward pass.
+
+    Parameters
+    ----------
+    maps : numpy.ndarray of float32, shape (Y', X') or (3, Y', X')
+        :attr:`PlaneResult.maps`: foreground probability or class probabilities, at the
+        working scale.
+    threshold : float
+    min_size : int
+        Pixels, at the working scale.
+    plane_shape : (int, int)
+        (Y, X) of the original plane.
+    factor : float
+        Working scale / original scale (:attr:`SegmentEvent.factor`).
+
+    Returns
+    -------
+    labels : numpy.ndarray of uint32, shape (Y, X)
+    probability : numpy.ndarray of float32, shape (Y, X)
+    """
+    labels = decode_plane(maps, threshold, min_size)
+    probability = maps if maps.ndim == 2 else (1.0 - maps[0]).astype(np.float32)
+    if factor != 1.0:
+        labels, probability = back_to_original(labels, probability, plane_shape, factor)
+    return labels, probability
+
+
 class _Labeller:
     """Labels completed planes in a thread pool and hands them out in order."""
 
@@ -287,11 +322,9 @@ class _Labeller:
         return tuple(ready)
 
     def _label(self, index: int, maps: np.ndarray) -> PlaneResult:
-        labels = decode_plane(maps, self.threshold, self.min_size)
-        probability = maps if maps.ndim == 2 else (1.0 - maps[0]).astype(np.float32)
-        if self.factor != 1.0:
-            labels, probability = back_to_original(labels, probability, self.plane_shape, self.factor)
-        return PlaneResult(index, self.leads[index], labels, probability, int(labels.max()))
+        labels, probability = relabel_plane(maps, self.threshold, self.min_size, self.plane_shape,
+                                            self.factor)
+        return PlaneResult(index, self.leads[index], labels, probability, int(labels.max()), maps)
 
     def _event(self, last, handed, ready, stopped=False) -> SegmentEvent:
         scale = {"diameter": self.diameter, "factor": self.factor}

@@ -42,7 +42,9 @@ def held_out_images(model, folder: Path) -> list[Path]:
     images = sorted(folder.glob("*_image.tif"))
     indices = model.metadata.get("validation_samples")
     if not indices:
-        raise SystemExit("model: its metadata lists no validation_samples (not trained by tiled-unet train?)")
+        raise SystemExit(
+            "model: its metadata lists no validation_samples (not trained by tiled-unet train?)"
+        )
     return [images[i] for i in indices]
 
 
@@ -53,15 +55,23 @@ def main():
     parser.add_argument("--threshold", type=float, help="default: the model's recommendation")
     parser.add_argument("--min-size", type=int, help="default: the model's recommendation")
     parser.add_argument("--scale", type=float, default=1.0, help="upscale images and labels first")
-    parser.add_argument("--diameter", default=None, help="object diameter in px, or auto (default: none)")
+    parser.add_argument(
+        "--diameter", default=None, help="object diameter in px, or auto (default: none)"
+    )
     args = parser.parse_args()
-    diameter = None if args.diameter is None else (args.diameter if args.diameter == "auto" else float(args.diameter))
+    diameter = (
+        None
+        if args.diameter is None
+        else (args.diameter if args.diameter == "auto" else float(args.diameter))
+    )
     model = load_model(args.model)
     paths = held_out_images(model, args.data)
     threshold, min_size = postprocess_options(model.metadata, args.threshold, args.min_size)
-    print(f"model {args.model} ({model.metadata.get('trained_iterations')} iterations); "
-          f"{len(paths)} held-out images from {args.data}; threshold {threshold}, min size {min_size} px; "
-          f"scale {args.scale}, diameter {args.diameter}")
+    print(
+        f"model {args.model} ({model.metadata.get('trained_iterations')} iterations); "
+        f"{len(paths)} held-out images from {args.data}; threshold {threshold}, min size {min_size} px; "
+        f"scale {args.scale}, diameter {args.diameter}"
+    )
     print(f"{'image':<14} {'shape':>11} {'true':>5} {'found':>6} {'AP@0.5':>7} {'IoU':>6}")
     aps, ious, seconds, pooled, touching = [], [], 0.0, np.zeros(3, int), np.zeros(2, int)
     for path in paths:
@@ -72,11 +82,20 @@ def main():
             truth = ndimage.zoom(truth, args.scale, order=0)
         start = time.perf_counter()
         if diameter is None:
-            predicted = decode_plane(predict_array(model, image, output=engine_output(model.config.n_classes)),
-                                     threshold, min_size)
+            predicted = decode_plane(
+                predict_array(model, image, output=engine_output(model.config)),
+                threshold,
+                min_size,
+                model.config.output_mode,
+            )
         else:
-            (plane,) = [p for e in segment(model, image, threshold=threshold, min_size=min_size,
-                                           diameter=diameter) for p in e.planes]
+            (plane,) = [
+                p
+                for e in segment(
+                    model, image, threshold=threshold, min_size=min_size, diameter=diameter
+                )
+                for p in e.planes
+            ]
             predicted = plane.labels
         seconds += time.perf_counter() - start
         scores = match_objects(predicted, truth, 0.5)
@@ -84,17 +103,27 @@ def main():
         pooled += (scores.tp, scores.fp, scores.fn)
         ious.append(pixel_iou(predicted, truth))
         touching += split_touching_pairs(predicted, truth)
-        print(f"{path.name[:12]:<14} {'x'.join(map(str, image.shape)):>11} {scores.tp + scores.fn:5d} "
-              f"{scores.tp + scores.fp:6d} {scores.ap:7.3f} {ious[-1]:6.3f}")
-    print(f"\nmean over {len(paths)} images: AP@0.5 {np.mean(aps):.3f}, pixel IoU {np.mean(ious):.3f} "
-          f"(median AP@0.5 {np.median(aps):.3f}); {seconds:.1f} s for inference and labelling")
+        print(
+            f"{path.name[:12]:<14} {'x'.join(map(str, image.shape)):>11} {scores.tp + scores.fn:5d} "
+            f"{scores.tp + scores.fp:6d} {scores.ap:7.3f} {ious[-1]:6.3f}"
+        )
+    print(
+        f"\nmean over {len(paths)} images: AP@0.5 {np.mean(aps):.3f}, pixel IoU {np.mean(ious):.3f} "
+        f"(median AP@0.5 {np.median(aps):.3f}); {seconds:.1f} s for inference and labelling"
+    )
     tp, fp, fn = pooled
-    print(f"pooled over all {tp + fn} held-out objects: AP@0.5 {tp / max(tp + fp + fn, 1):.3f} "
-          f"(TP {tp}, FP {fp}, FN {fn})")
-    print(f"touching ground-truth pairs split: {touching[0]} of {touching[1]} "
-          f"({touching[0] / max(touching[1], 1):.1%})")
-    print(f"one 1024 x 1024 image, inference and labelling: {time_1024(model, threshold, min_size):.2f} s "
-          f"(best of 3; {torch.get_num_threads()} CPU threads, device auto)")
+    print(
+        f"pooled over all {tp + fn} held-out objects: AP@0.5 {tp / max(tp + fp + fn, 1):.3f} "
+        f"(TP {tp}, FP {fp}, FN {fn})"
+    )
+    print(
+        f"touching ground-truth pairs split: {touching[0]} of {touching[1]} "
+        f"({touching[0] / max(touching[1], 1):.1%})"
+    )
+    print(
+        f"one 1024 x 1024 image, inference and labelling: {time_1024(model, threshold, min_size):.2f} s "
+        f"(best of 3; {torch.get_num_threads()} CPU threads, device auto)"
+    )
 
 
 def time_1024(model, threshold, min_size) -> float:
@@ -102,7 +131,12 @@ def time_1024(model, threshold, min_size) -> float:
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        decode_plane(predict_array(model, image, output=engine_output(model.config.n_classes)), threshold, min_size)
+        decode_plane(
+            predict_array(model, image, output=engine_output(model.config)),
+            threshold,
+            min_size,
+            model.config.output_mode,
+        )
         best = min(best, time.perf_counter() - start)
     return best
 

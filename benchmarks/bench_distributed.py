@@ -22,6 +22,7 @@ bundled model on the first N planes to give the network's per-block cost on this
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -71,10 +72,11 @@ class PeakRSS:
     def _sample(self):
         while self.running:
             for process in self.processes:
-                try:
-                    self.peaks[process.pid] = max(self.peaks[process.pid], process.memory_info().rss)
-                except Exception:  # noqa: BLE001 - a worker that exits is simply no longer sampled
-                    pass
+                # a worker that exits is simply no longer sampled
+                with contextlib.suppress(Exception):
+                    self.peaks[process.pid] = max(
+                        self.peaks[process.pid], process.memory_info().rss
+                    )
             time.sleep(0.1)
 
     def stop(self) -> dict:
@@ -92,11 +94,19 @@ def run(stack: Path, workers: int, block: int, stand_in: bool, folder: Path, pla
     shutil.rmtree(output, ignore_errors=True)
     # The stand-in's sigmoid(intensity) crosses 0.6 where nuclei are (as in bench_gpu.py).
     threshold = 0.6 if stand_in else None
-    job = distributed.plan_job(DEFAULT_MODEL, source, output, model=model, block=block,
-                               threshold=threshold)
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None, env={"OMP_NUM_THREADS": "1"}) as cluster, \
-            Client(cluster) as client:
+    job = distributed.plan_job(
+        DEFAULT_MODEL, source, output, model=model, block=block, threshold=threshold
+    )
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            env={"OMP_NUM_THREADS": "1"},
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         if stand_in:
             client.run(install_stand_in, job)
         rss = PeakRSS(client.run(lambda: __import__("os").getpid()).values())
@@ -108,14 +118,23 @@ def run(stack: Path, workers: int, block: int, stand_in: bool, folder: Path, pla
                     merge_start = time.perf_counter()
         end = time.perf_counter()
         peaks = rss.stop()
-        durations = [sum(s["stop"] - s["start"] for s in task["startstops"] if s["action"] == "compute")
-                     for task in stream.data if str(task["key"]).startswith("block-")]
+        durations = [
+            sum(s["stop"] - s["start"] for s in task["startstops"] if s["action"] == "compute")
+            for task in stream.data
+            if str(task["key"]).startswith("block-")
+        ]
     pixels = int(np.prod(job.shape))
     blocks = len(job.blocks())
-    return {"pixels": pixels, "blocks": blocks, "wall": end - start,
-            "blocks_s": merge_start - start, "merge_s": end - merge_start,
-            "task_s": float(np.mean(durations)) if durations else float("nan"),
-            "peaks": sorted(peaks.values()), "objects": event.objects}
+    return {
+        "pixels": pixels,
+        "blocks": blocks,
+        "wall": end - start,
+        "blocks_s": merge_start - start,
+        "merge_s": end - merge_start,
+        "task_s": float(np.mean(durations)) if durations else float("nan"),
+        "peaks": sorted(peaks.values()),
+        "objects": event.objects,
+    }
 
 
 def first_planes(stack: Path, planes: int, folder: Path) -> Path:
@@ -130,33 +149,47 @@ def first_planes(stack: Path, planes: int, folder: Path) -> Path:
 
 def report(name, result, workers):
     per_block = result["blocks_s"] * workers / result["blocks"]
-    print(f"{name}: {result['pixels'] / result['wall'] / 1e6:7.1f} MP/s end to end "
-          f"({result['wall']:.1f} s: blocks {result['blocks_s']:.1f} s = "
-          f"{result['pixels'] / result['blocks_s'] / 1e6:.1f} MP/s, merge {result['merge_s']:.1f} s); "
-          f"{result['objects']} objects")
-    print(f"    {result['blocks']} blocks; per block: task {result['task_s'] * 1e3:.0f} ms, wall x "
-          f"workers {per_block * 1e3:.0f} ms, overhead {(per_block - result['task_s']) * 1e3:.0f} ms; "
-          f"peak RSS per worker {', '.join(f'{p / 2**20:.0f}' for p in result['peaks'])} MB")
+    print(
+        f"{name}: {result['pixels'] / result['wall'] / 1e6:7.1f} MP/s end to end "
+        f"({result['wall']:.1f} s: blocks {result['blocks_s']:.1f} s = "
+        f"{result['pixels'] / result['blocks_s'] / 1e6:.1f} MP/s, merge {result['merge_s']:.1f} s); "
+        f"{result['objects']} objects"
+    )
+    print(
+        f"    {result['blocks']} blocks; per block: task {result['task_s'] * 1e3:.0f} ms, wall x "
+        f"workers {per_block * 1e3:.0f} ms, overhead {(per_block - result['task_s']) * 1e3:.0f} ms; "
+        f"peak RSS per worker {', '.join(f'{p / 2**20:.0f}' for p in result['peaks'])} MB"
+    )
     return per_block
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stack", type=Path, default=ROOT / "bench_data" / "big.tif")
-    parser.add_argument("--small", type=Path, default=ROOT / "bench_data" / "mid.tif",
-                        help="a smaller stack of the same planes (memory flat in stack size)")
+    parser.add_argument(
+        "--small",
+        type=Path,
+        default=ROOT / "bench_data" / "mid.tif",
+        help="a smaller stack of the same planes (memory flat in stack size)",
+    )
     parser.add_argument("--block", type=int, default=distributed.DEFAULT_BLOCK)
     parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--real-planes", type=int, default=1,
-                        help="planes to run with the real bundled model (0: skip)")
+    parser.add_argument(
+        "--real-planes",
+        type=int,
+        default=1,
+        help="planes to run with the real bundled model (0: skip)",
+    )
     args = parser.parse_args()
     stack = ensure_stack(args.stack)
     counts = [int(n) for n in args.workers.split(",")]
     block_px = args.block**2
     with tempfile.TemporaryDirectory(dir=stack.parent) as tmp:
         folder = Path(tmp)
-        print(f"stack {stack.name}; block {args.block} px; stand-in network (pipeline and "
-              f"scheduler only)")
+        print(
+            f"stack {stack.name}; block {args.block} px; stand-in network (pipeline and "
+            f"scheduler only)"
+        )
         results = {}
         for workers in counts:
             results[workers] = run(stack, workers, args.block, True, folder)
@@ -170,18 +203,26 @@ def main():
             real = run(stack, max(counts), args.block, False, folder, planes=args.real_planes)
             report(f"  {max(counts)} worker(s)", real, max(counts))
     host = results[max(counts)]["task_s"]
-    overhead = max(0.0, results[max(counts)]["blocks_s"] * max(counts) / results[max(counts)]["blocks"] - host)
+    overhead = max(
+        0.0, results[max(counts)]["blocks_s"] * max(counts) / results[max(counts)]["blocks"] - host
+    )
     gpu = block_px / (H100_FORWARD_MPS * 1e6)
     merge_rate = results[max(counts)]["pixels"] / results[max(counts)]["merge_s"]
-    print("\nProjection for N GPU workers (H100 network time from the project's 458 MP/s "
-          "forward figure; host time and overhead per block measured above):")
-    print(f"  per block: network {gpu * 1e3:.0f} ms + host work {host * 1e3:.0f} ms + overhead "
-          f"{overhead * 1e3:.0f} ms")
+    print(
+        "\nProjection for N GPU workers (H100 network time from the project's 458 MP/s "
+        "forward figure; host time and overhead per block measured above):"
+    )
+    print(
+        f"  per block: network {gpu * 1e3:.0f} ms + host work {host * 1e3:.0f} ms + overhead "
+        f"{overhead * 1e3:.0f} ms"
+    )
     for n in (1, 2, 4, 8, 16):
         blocks_rate = n / (gpu + host + overhead)
-        print(f"  {n:2d} GPU workers: blocks {blocks_rate * block_px / 1e6:7.0f} MP/s; with the merge "
-              f"(measured {merge_rate / 1e6:.0f} MP/s on {max(counts)} workers, scales with workers) "
-              f"{1 / (1 / (blocks_rate * block_px) + max(counts) / (n * merge_rate)) / 1e6:7.0f} MP/s")
+        print(
+            f"  {n:2d} GPU workers: blocks {blocks_rate * block_px / 1e6:7.0f} MP/s; with the merge "
+            f"(measured {merge_rate / 1e6:.0f} MP/s on {max(counts)} workers, scales with workers) "
+            f"{1 / (1 / (blocks_rate * block_px) + max(counts) / (n * merge_rate)) / 1e6:7.0f} MP/s"
+        )
 
 
 if __name__ == "__main__":

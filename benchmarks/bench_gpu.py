@@ -90,7 +90,7 @@ def engine_tile(model, device, precision):
     from napari_tiled_unet.core.tiling import plan_axis
 
     tile = engine._auto_tile(model, device, resolved, batch)
-    return plan_axis(10**6, tile, model).input_size, batch, resolved   # largest legal <= tile
+    return plan_axis(10**6, tile, model).input_size, batch, resolved  # largest legal <= tile
 
 
 def forward_only(model, device, precision, seconds=3.0):
@@ -101,11 +101,13 @@ def forward_only(model, device, precision, seconds=3.0):
     x = x.contiguous(memory_format=torch.channels_last)
     out = model.output_size(tile)
     runs, start = 0, None
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
-                                                enabled=dtype is not None):
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+    ):
         while start is None or time.perf_counter() - start < seconds:
             torch.softmax(model(x).float(), dim=1)
-            if start is None:   # the first pass warms up kernels and allocators
+            if start is None:  # the first pass warms up kernels and allocators
                 _sync(device)
                 start = time.perf_counter()
                 continue
@@ -119,7 +121,7 @@ def predict_only(model, data, device, precision):
     out = Discard(data.shape)
     start = time.perf_counter()
     last = None
-    for last in predict(model, data, out, device=str(device), precision=precision):
+    for last in predict(model, data, out, device=str(device), precision=precision):  # noqa: B007 (the last event is read below)
         pass
     _sync(device)
     elapsed = time.perf_counter() - start
@@ -128,13 +130,24 @@ def predict_only(model, data, device, precision):
 
 def end_to_end(model, stack: Path, device, precision):
     real = modelfile.load_model
-    modelfile.load_model = lambda path: model   # the CLI loads "its" model: ours
+    modelfile.load_model = lambda path: model  # the CLI loads "its" model: ours
     try:
         with tempfile.TemporaryDirectory(dir=stack.parent) as folder:
             target = Path(folder) / "labels.tif"
             start = time.perf_counter()
-            code = cli.main(["segment", str(stack), "-o", str(target), "--quiet",
-                             "--device", str(device), "--precision", precision])
+            code = cli.main(
+                [
+                    "segment",
+                    str(stack),
+                    "-o",
+                    str(target),
+                    "--quiet",
+                    "--device",
+                    str(device),
+                    "--precision",
+                    precision,
+                ]
+            )
             elapsed = time.perf_counter() - start
     finally:
         modelfile.load_model = real
@@ -147,10 +160,23 @@ def reading_only(model, data):
     try:
         from napari_tiled_unet.core import predict as engine
 
-        job = engine._Job.checked(model, data, Discard(data.shape), None, "foreground", "auto", 1,
-                                  "cpu", "fp32", None, None, False)
-        plan = engine._balanced_plan(data.shape[-2:], engine._auto_tile(
-            model, torch.device("cpu"), "fp32", 1), model, True)
+        job = engine._Job.checked(
+            model,
+            data,
+            Discard(data.shape),
+            None,
+            "foreground",
+            "auto",
+            1,
+            "cpu",
+            "fp32",
+            None,
+            None,
+            False,
+        )
+        plan = engine._balanced_plan(
+            data.shape[-2:], engine._auto_tile(model, torch.device("cpu"), "fp32", 1), model, True
+        )
         reader = engine._Reader(job, plan, job.leads, 0, ahead=8)
     except (AttributeError, TypeError):
         return None
@@ -176,8 +202,14 @@ def writing_only(data, folder: Path, planes=4):
 
     labels = (np.asarray(data[0]) > 128).astype(np.uint32)
     start = time.perf_counter()
-    write_tiff_stream(folder / "w.tif", (planes,) + labels.shape, np.uint32, "ZYX",
-                      (labels for _ in range(planes)), True)
+    write_tiff_stream(
+        folder / "w.tif",
+        (planes,) + labels.shape,
+        np.uint32,
+        "ZYX",
+        (labels for _ in range(planes)),
+        True,
+    )
     return (time.perf_counter() - start) / planes
 
 
@@ -205,7 +237,9 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--nets", default="bundled,unet32")
-    parser.add_argument("--stand-in", action="store_true", help="trivial network: the pipeline's own speed")
+    parser.add_argument(
+        "--stand-in", action="store_true", help="trivial network: the pipeline's own speed"
+    )
     parser.add_argument("--skip-e2e", action="store_true")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -213,9 +247,11 @@ def main():
     data = read_tiff(stack).data
     plane_mp = data.shape[-1] * data.shape[-2] / 1e6
     print(f"napari_tiled_unet from {Path(napari_tiled_unet.__file__).parent}")
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; stack {stack.name} "
-          f"{data.shape} {data.dtype} ({data.size / 1e9:.2f} Gpx)")
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; stack {stack.name} "
+        f"{data.shape} {data.dtype} ({data.size / 1e9:.2f} Gpx)"
+    )
     for name, model in networks(args.nets.split(","), args.stand_in).items():
         print(f"\n== {name}")
         rate, how = forward_only(model, device, args.precision)
@@ -224,16 +260,28 @@ def main():
         print(f"predict() from disk:     {rate:8.1f} MP/s  ({elapsed:.1f} s, tile {tile})")
         if not args.skip_e2e:
             elapsed = end_to_end(model, stack, device, args.precision)
-            print(f"end to end (CLI):        {data.size / elapsed / 1e6:8.1f} MP/s  ({elapsed:.1f} s, labels written)")
+            print(
+                f"end to end (CLI):        {data.size / elapsed / 1e6:8.1f} MP/s  ({elapsed:.1f} s, labels written)"
+            )
         reading = reading_only(model, data)
         print("breakdown, one stage alone on this machine:")
-        print("  read raw tiles:        " + ("     n/a" if reading is None else
-                                            f"{data.size / reading / 1e6:8.1f} MP/s  ({reading:.1f} s)"))
+        print(
+            "  read raw tiles:        "
+            + (
+                "     n/a"
+                if reading is None
+                else f"{data.size / reading / 1e6:8.1f} MP/s  ({reading:.1f} s)"
+            )
+        )
         labelling = labelling_only(model, data)
-        print(f"  label a plane:         {plane_mp / labelling:8.1f} MP/s  ({labelling * 1e3:.0f} ms per plane, one thread)")
+        print(
+            f"  label a plane:         {plane_mp / labelling:8.1f} MP/s  ({labelling * 1e3:.0f} ms per plane, one thread)"
+        )
         with tempfile.TemporaryDirectory(dir=stack.parent) as folder:
             writing = writing_only(data, Path(folder))
-        print(f"  write a labels plane:  {plane_mp / writing:8.1f} MP/s  ({writing * 1e3:.0f} ms per plane, zlib)")
+        print(
+            f"  write a labels plane:  {plane_mp / writing:8.1f} MP/s  ({writing * 1e3:.0f} ms per plane, zlib)"
+        )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ from napari_tiled_unet.core.predict import predict
 def ours(model, image, device, tile, batch, precision="fp32"):
     out = np.zeros(image.shape, np.float32)
     last = None
-    for last in predict(model, image, out, tile=tile, batch=batch, device=device,
-                        precision=precision):
+    for last in predict(  # noqa: B007 (the last event is returned)
+        model, image, out, tile=tile, batch=batch, device=device, precision=precision
+    ):
         pass
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -44,8 +45,9 @@ def monai(model, image, device, roi, batch, channels_last=False):
 
     x = torch.from_numpy(image)[None, None].to(device)
     with torch.inference_mode():
-        result = sliding_window_inference(x, roi, batch, probabilities, overlap=0.25,
-                                          mode="gaussian")
+        result = sliding_window_inference(
+            x, roi, batch, probabilities, overlap=0.25, mode="gaussian"
+        )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return result[0, 1].cpu().numpy()
@@ -73,15 +75,22 @@ def compare_on(device, image, batch, repeats):
         runs["ours"].append(timed(ours, valid, image, device, roi, batch)[0])
         runs["monai"].append(timed(monai, same, image, device, roi, batch_of(batch, device))[0])
         runs["monai_nhwc"].append(
-            timed(monai, same_nhwc, image, device, roi, batch_of(batch, device), True)[0])
+            timed(monai, same_nhwc, image, device, roi, batch_of(batch, device), True)[0]
+        )
     rate = {name: megapixels / min(seconds) for name, seconds in runs.items()}
-    print(f"device {device}, image {image.shape[0]} x {image.shape[1]}, fp32, tile {roi}, "
-          f"batch {batch_of(batch, device)}, {event.total} tiles (ours); best of {repeats} runs")
+    print(
+        f"device {device}, image {image.shape[0]} x {image.shape[1]}, fp32, tile {roi}, "
+        f"batch {batch_of(batch, device)}, {event.total} tiles (ours); best of {repeats} runs"
+    )
     print(f"  ours  (valid, exact stitching, channels_last): {rate['ours']:7.3f} MP/s")
-    print(f"  MONAI (same, overlap 0.25, gaussian):          {rate['monai']:7.3f} MP/s"
-          f"   ratio ours / MONAI: {rate['ours'] / rate['monai']:.2f}x")
-    print(f"  MONAI, model and input channels_last:          {rate['monai_nhwc']:7.3f} MP/s"
-          f"   ratio ours / MONAI: {rate['ours'] / rate['monai_nhwc']:.2f}x")
+    print(
+        f"  MONAI (same, overlap 0.25, gaussian):          {rate['monai']:7.3f} MP/s"
+        f"   ratio ours / MONAI: {rate['ours'] / rate['monai']:.2f}x"
+    )
+    print(
+        f"  MONAI, model and input channels_last:          {rate['monai_nhwc']:7.3f} MP/s"
+        f"   ratio ours / MONAI: {rate['ours'] / rate['monai_nhwc']:.2f}x"
+    )
 
 
 def batch_of(batch, device):
@@ -100,8 +109,10 @@ def cuda_precisions(image, repeats):
         for _ in range(repeats):
             seconds, (_, event) = timed(ours, model, image, "cuda", "auto", "auto", precision)
             best = min(best, seconds)
-        print(f"  ours on {torch.cuda.get_device_name()}, {precision}, auto tile "
-              f"{event.tile_shape}: {megapixels / best:8.1f} MP/s")
+        print(
+            f"  ours on {torch.cuda.get_device_name()}, {precision}, auto tile "
+            f"{event.tile_shape}: {megapixels / best:8.1f} MP/s"
+        )
 
 
 def main():
@@ -115,8 +126,9 @@ def main():
     compare_on("cpu", image, args.batch, args.repeats)
     if torch.cuda.is_available():
         compare_on("cuda", image, args.batch, args.repeats)
-        cuda_precisions(np.random.default_rng(0).random((8192, 8192), dtype=np.float32),
-                        args.repeats)
+        cuda_precisions(
+            np.random.default_rng(0).random((8192, 8192), dtype=np.float32), args.repeats
+        )
 
 
 if __name__ == "__main__":

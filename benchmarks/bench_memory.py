@@ -66,11 +66,25 @@ def write_model(path: Path) -> None:
 def segment(stack: Path, model: Path, out: Path, whole_planes: bool = False) -> dict:
     import os
 
-    args = [str(stack), "-o", str(out), "--model", str(model), "--device", "cpu", "--quiet",
-            "--overwrite"]
+    args = [
+        str(stack),
+        "-o",
+        str(out),
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--overwrite",
+    ]
     env = {**os.environ, **({"BENCH_WHOLE_PLANES": "1"} if whole_planes else {})}
-    result = subprocess.run([sys.executable, "-c", CHILD, "segment", *args], capture_output=True,
-                            text=True, check=True, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, "segment", *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -88,23 +102,30 @@ def huge_plane(folder: Path, side: int) -> None:
         figures = segment(path, folder / "model.safetensors", folder / "labels.tif", whole)
         if figures["code"] != 0:
             raise SystemExit(f"segment failed with exit code {figures['code']}")
-        print(f"{f'1 x {side} x {side} uint8':>28} {path.stat().st_size / 1e9:6.2f} "
-              f"{figures['peak_rss'] / 1e6:12.0f} {figures['seconds']:8.1f} "
-              f"{side * side / 1e6 / figures['seconds']:6.1f}   {label}")
+        print(
+            f"{f'1 x {side} x {side} uint8':>28} {path.stat().st_size / 1e9:6.2f} "
+            f"{figures['peak_rss'] / 1e6:12.0f} {figures['seconds']:8.1f} "
+            f"{side * side / 1e6 / figures['seconds']:6.1f}   {label}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scratch", type=Path, default=None, help="folder for the stacks")
     parser.add_argument("--planes", type=int, nargs=2, default=[128, 256])
-    parser.add_argument("--single-plane", type=int, nargs="*", default=[12000, 20000],
-                        help="sides of huge planes (none: skip)")
+    parser.add_argument(
+        "--single-plane",
+        type=int,
+        nargs="*",
+        default=[12000, 20000],
+        help="sides of huge planes (none: skip)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.scratch) as folder:
         folder = Path(folder)
         write_model(folder / "model.safetensors")
         print(f"{'stack':>28} {'GB':>6} {'peak RSS MB':>12} {'seconds':>8} {'MP/s':>6}")
-        for planes in [n for n in args.planes if n]:   # 0 skips
+        for planes in [n for n in args.planes if n]:  # 0 skips
             stack = folder / f"stack_{planes}.tif"
             start = time.perf_counter()
             write_stack(stack, planes)
@@ -114,9 +135,11 @@ def main() -> None:
                 raise SystemExit(f"segment failed with exit code {figures['code']}")
             gigabytes = stack.stat().st_size / 1e9
             megapixels = planes * PLANE[0] * PLANE[1] / 1e6
-            print(f"{f'{planes} x {PLANE[0]} x {PLANE[1]} uint16':>28} {gigabytes:6.2f} "
-                  f"{figures['peak_rss'] / 1e6:12.0f} {figures['seconds']:8.1f} "
-                  f"{megapixels / figures['seconds']:6.1f}   (stack written in {written:.0f} s)")
+            print(
+                f"{f'{planes} x {PLANE[0]} x {PLANE[1]} uint16':>28} {gigabytes:6.2f} "
+                f"{figures['peak_rss'] / 1e6:12.0f} {figures['seconds']:8.1f} "
+                f"{megapixels / figures['seconds']:6.1f}   (stack written in {written:.0f} s)"
+            )
             stack.unlink()
         for side in args.single_plane:
             huge_plane(folder, side)

@@ -50,8 +50,13 @@ def evaluate(model, images) -> dict:
         ious.append(pixel_iou(predicted, truth))
         done, total = split_touching_pairs(predicted, truth)
         split, touching = split + done, touching + total
-    return {"ap50": float(np.mean(aps)), "iou": float(np.mean(ious)),
-            "split": split / max(touching, 1), "touching": touching, "objects": found / true}
+    return {
+        "ap50": float(np.mean(aps)),
+        "iou": float(np.mean(ious)),
+        "split": split / max(touching, 1),
+        "touching": touching,
+        "objects": found / true,
+    }
 
 
 def run(name, training, config, model_config, folder) -> tuple[dict, float]:
@@ -59,9 +64,11 @@ def run(name, training, config, model_config, folder) -> tuple[dict, float]:
     step_seconds, previous = [], 0.0
     for event in train(training, output, config=config, model_config=model_config):
         if event.metrics:
-            print(f"  [{name}] iteration {event.iteration}: loss {event.loss:.4f}, "
-                  f"validation AP@0.5 {event.metrics['ap50']:.3f} IoU {event.metrics['iou']:.3f}",
-                  flush=True)
+            print(
+                f"  [{name}] iteration {event.iteration}: loss {event.loss:.4f}, "
+                f"validation AP@0.5 {event.metrics['ap50']:.3f} IoU {event.metrics['iou']:.3f}",
+                flush=True,
+            )
         else:  # a plain training step (events after a validation include its time)
             step_seconds.append(event.seconds - previous)
         previous = event.seconds
@@ -83,12 +90,21 @@ def main():
     args = parser.parse_args()
     training_images, held_out = load_split(args.data, 0.1, args.seed)
     training = [Sample(image, labels) for image, labels in training_images]
-    print(f"{len(training)} training images, {len(held_out)} held out (seed {args.seed}); "
-          f"U-Net depth {args.depth}, {args.base_channels} base channels, patch {args.patch}, "
-          f"batch {args.batch}, {args.iterations} iterations, lr {args.lr}")
+    print(
+        f"{len(training)} training images, {len(held_out)} held out (seed {args.seed}); "
+        f"U-Net depth {args.depth}, {args.base_channels} base channels, patch {args.patch}, "
+        f"batch {args.batch}, {args.iterations} iterations, lr {args.lr}"
+    )
     model_config = UNetConfig(depth=args.depth, base_channels=args.base_channels)
-    common = dict(iterations=args.iterations, batch=args.batch, patch=args.patch, lr=args.lr,
-                  validate_every=max(args.iterations // 5, 1), seed=args.seed, device=args.device)
+    common = {
+        "iterations": args.iterations,
+        "batch": args.batch,
+        "patch": args.patch,
+        "lr": args.lr,
+        "validate_every": max(args.iterations // 5, 1),
+        "seed": args.seed,
+        "device": args.device,
+    }
     variants = {
         "border-weighted": TrainConfig(**common),
         "plain CE": TrainConfig(**common, w0=0.0, class_balance=False),
@@ -99,11 +115,15 @@ def main():
         for name, config in variants.items():
             model, speed = run(name, training, config, model_config, folder)
             rows.append((name, speed, evaluate(model, held_out)))
-    print(f"\n{'loss':<16} {'it/s':>6} {'AP@0.5':>7} {'IoU':>6} {'touching pairs split':>22} "
-          f"{'objects found / true':>21}")
+    print(
+        f"\n{'loss':<16} {'it/s':>6} {'AP@0.5':>7} {'IoU':>6} {'touching pairs split':>22} "
+        f"{'objects found / true':>21}"
+    )
     for name, speed, scores in rows:
-        print(f"{name:<16} {speed:6.2f} {scores['ap50']:7.3f} {scores['iou']:6.3f} "
-              f"{scores['split']:14.3f} of {scores['touching']} {scores['objects']:21.2f}")
+        print(
+            f"{name:<16} {speed:6.2f} {scores['ap50']:7.3f} {scores['iou']:6.3f} "
+            f"{scores['split']:14.3f} of {scores['touching']} {scores['objects']:21.2f}"
+        )
 
 
 if __name__ == "__main__":

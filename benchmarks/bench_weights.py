@@ -62,8 +62,10 @@ def main():
     print(f"  speed-up {ref_s / ours_s:.0f}x, max abs difference {np.abs(ours - ref).max():.2e}")
     big = touching_cells(2048, 1200, seed=1)
     _, big_s, big_peak = measured(border_weight_map, big)
-    print(f"2048 x 2048, {len(np.unique(big)) - 1} cells: ours {big_s:.3f} s, "
-          f"peak {big_peak / 1e6:.1f} MB")
+    print(
+        f"2048 x 2048, {len(np.unique(big)) - 1} cells: ours {big_s:.3f} s, "
+        f"peak {big_peak / 1e6:.1f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -28,11 +28,14 @@ def main():
     held_out = set(read_header(args.model)["metadata"]["validation_samples"])
     images = sorted(args.data.glob("*_image.tif"))
     training = [path for index, path in enumerate(images) if index not in held_out]
-    chosen = training[::args.every]
+    chosen = training[:: args.every]
     labels = [path.with_name(path.name.replace("_image.tif", "_labels.tif")) for path in chosen]
     print(f"tuning on {len(chosen)} of {len(training)} training images")
-    raise SystemExit(cli.main(["tune", str(args.model), "--images", *map(str, chosen),
-                               "--labels", *map(str, labels)]))
+    raise SystemExit(
+        cli.main(
+            ["tune", str(args.model), "--images", *map(str, chosen), "--labels", *map(str, labels)]
+        )
+    )
 
 
 if __name__ == "__main__":

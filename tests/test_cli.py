@@ -1,14 +1,14 @@
 import re
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
 from napari_tiled_unet import cli
-from napari_tiled_unet.core.modelfile import save_model
+from napari_tiled_unet.core.modelfile import load_model, save_model
 
 from .conftest import make_model
 
@@ -21,8 +21,12 @@ def model_file(tmp_path):
 @pytest.fixture
 def stack_file(tmp_path, rng):
     path = tmp_path / "stack.tif"
-    tifffile.imwrite(path, rng.integers(0, 4000, (3, 90, 130), dtype=np.uint16),
-                     metadata={"axes": "ZYX"}, photometric="minisblack")
+    tifffile.imwrite(
+        path,
+        rng.integers(0, 4000, (3, 90, 130), dtype=np.uint16),
+        metadata={"axes": "ZYX"},
+        photometric="minisblack",
+    )
     return path
 
 
@@ -44,11 +48,26 @@ def segment(*args):
     return cli.main(["segment", *map(str, args), "--quiet"])
 
 
-def test_small_tiles_give_the_same_probabilities_as_one_whole_tile(tmp_path, model_file, stack_file):
+def test_small_tiles_give_the_same_probabilities_as_one_whole_tile(
+    tmp_path, model_file, stack_file
+):
     for name, tile in (("small", 50), ("whole", 1000)):
-        assert segment(stack_file, "-o", tmp_path / f"{name}_labels.tif", "--model", model_file,
-                       "--probabilities", tmp_path / f"{name}_prob.tif", "--tile", tile,
-                       "--threshold", 0.5) == 0
+        assert (
+            segment(
+                stack_file,
+                "-o",
+                tmp_path / f"{name}_labels.tif",
+                "--model",
+                model_file,
+                "--probabilities",
+                tmp_path / f"{name}_prob.tif",
+                "--tile",
+                tile,
+                "--threshold",
+                0.5,
+            )
+            == 0
+        )
     small, whole = (tifffile.imread(tmp_path / f"{n}_prob.tif") for n in ("small", "whole"))
     assert small.shape == (3, 90, 130) and small.dtype == np.float32
     assert np.abs(small - whole).max() <= 1e-5
@@ -73,17 +92,21 @@ def test_input_is_never_overwritten(model_file, stack_file, capsys):
     assert stack_file.read_bytes() == before
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("missing input", "input: no such file"),
-    ("text input", "input: expected a TIFF file"),
-    ("truncated input", "input: TIFF file is truncated"),
-    ("image as model", "model: expected a napari-tiled-unet model file"),
-    ("unknown device", "device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"),
-    ("wrong channels", "the model expects 1 input channel(s), got 3"),
-    ("bad tile", "--tile: expected a positive integer or 'auto'"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("missing input", "input: no such file"),
+        ("text input", "input: expected a TIFF file"),
+        ("truncated input", "input: TIFF file is truncated"),
+        ("image as model", "model: expected a napari-tiled-unet model file"),
+        ("unknown device", "device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"),
+        ("wrong channels", "the model expects 1 input channel(s), got 3"),
+        ("bad tile", "--tile: expected a positive integer or 'auto'"),
+    ],
+)
 def test_bad_input_fails_before_work_with_a_clear_message(
-        problem, message, tmp_path, model_file, stack_file, capsys):
+    problem, message, tmp_path, model_file, stack_file, capsys
+):
     text = tmp_path / "notes.tif"
     text.write_text("not an image")
     truncated = tmp_path / "cut.tif"
@@ -102,12 +125,24 @@ def test_bad_input_fails_before_work_with_a_clear_message(
     assert not (tmp_path / "out.tif").exists()
 
 
-def test_stop_mid_run_leaves_no_output_and_no_partial_file(tmp_path, model_file, stack_file,
-                                                           monkeypatch):
+def test_stop_mid_run_leaves_no_output_and_no_partial_file(
+    tmp_path, model_file, stack_file, monkeypatch
+):
     polls = []
     monkeypatch.setattr(cli._StopFlag, "__call__", lambda self: polls.append(1) or len(polls) > 2)
-    code = segment(stack_file, "-o", tmp_path / "labels.tif", "--model", model_file,
-                   "--probabilities", tmp_path / "prob.tif", "--tile", 50, "--batch", 2)
+    code = segment(
+        stack_file,
+        "-o",
+        tmp_path / "labels.tif",
+        "--model",
+        model_file,
+        "--probabilities",
+        tmp_path / "prob.tif",
+        "--tile",
+        50,
+        "--batch",
+        2,
+    )
     assert code == 130 and len(polls) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "stack.tif"]
 
@@ -121,9 +156,21 @@ def test_info_describes_the_model(model_file, capsys):
 
 def test_console_script_runs_as_a_program(tmp_path, model_file, stack_file):
     result = subprocess.run(
-        [sys.executable, "-m", "napari_tiled_unet.cli", "segment", str(stack_file), "-o",
-         str(tmp_path / "l.tif"), "--model", str(model_file), "--quiet"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "napari_tiled_unet.cli",
+            "segment",
+            str(stack_file),
+            "-o",
+            str(tmp_path / "l.tif"),
+            "--model",
+            str(model_file),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert result.stdout.startswith(f"{tmp_path / 'l.tif'}: ")
     assert "object" in result.stdout and "in 3 plane(s)" in result.stdout
@@ -132,15 +179,40 @@ def test_console_script_runs_as_a_program(tmp_path, model_file, stack_file):
 def test_train_writes_a_model_that_segment_uses(tmp_path, capsys):
     images, labels = annotated_files(tmp_path, seeds=range(3), size=96)
     model = tmp_path / "trained.safetensors"
-    code = cli.main(["train", "--images", *map(str, images), "--labels", *map(str, labels),
-                     "-o", str(model), "--iterations", "6", "--validate-every", "3", "--patch", "92",
-                     "--depth", "2", "--base-channels", "4", "--device", "cpu", "--quiet"])
+    code = cli.main(
+        [
+            "train",
+            "--images",
+            *map(str, images),
+            "--labels",
+            *map(str, labels),
+            "-o",
+            str(model),
+            "--iterations",
+            "6",
+            "--validate-every",
+            "3",
+            "--patch",
+            "92",
+            "--depth",
+            "2",
+            "--base-channels",
+            "4",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     summary = capsys.readouterr().out
     assert code == 0 and model.is_file()
     assert summary.startswith("done after 6 iterations") and f"model: {model}" in summary
     assert segment(images[0], "-o", tmp_path / "seg.tif", "--model", model) == 0
-    assert cli.main(["train", "--images", str(images[0]), "--labels", str(labels[0]),
-                     "-o", str(model)]) == 2
+    assert (
+        cli.main(
+            ["train", "--images", str(images[0]), "--labels", str(labels[0]), "-o", str(model)]
+        )
+        == 2
+    )
     assert "exists; pass --overwrite" in capsys.readouterr().err
 
 
@@ -148,15 +220,41 @@ def test_segment_takes_threshold_and_min_size_from_the_model_unless_given(tmp_pa
     from napari_tiled_unet.core.postprocess import label_plane
 
     model = make_model(depth=2, base_channels=3)
-    path = save_model(model, tmp_path / "m.safetensors",
-                      metadata={"postprocess": {"threshold": 0.52, "min_size": 4}})
-    assert segment(stack_file, "-o", tmp_path / "l.tif", "--model", path,
-                   "--probabilities", tmp_path / "p.tif") == 0
+    path = save_model(
+        model,
+        tmp_path / "m.safetensors",
+        metadata={"postprocess": {"threshold": 0.52, "min_size": 4}},
+    )
+    assert (
+        segment(
+            stack_file,
+            "-o",
+            tmp_path / "l.tif",
+            "--model",
+            path,
+            "--probabilities",
+            tmp_path / "p.tif",
+        )
+        == 0
+    )
     probability, labels = tifffile.imread(tmp_path / "p.tif"), tifffile.imread(tmp_path / "l.tif")
     for plane in range(3):
         np.testing.assert_array_equal(labels[plane], label_plane(probability[plane], 0.52, 4))
-    assert segment(stack_file, "-o", tmp_path / "l.tif", "--model", path, "--overwrite",
-                   "--threshold", 0.3, "--min-size", 0) == 0
+    assert (
+        segment(
+            stack_file,
+            "-o",
+            tmp_path / "l.tif",
+            "--model",
+            path,
+            "--overwrite",
+            "--threshold",
+            0.3,
+            "--min-size",
+            0,
+        )
+        == 0
+    )
     labels = tifffile.imread(tmp_path / "l.tif")
     np.testing.assert_array_equal(labels[1], label_plane(probability[1], 0.3, 0))
 
@@ -167,31 +265,47 @@ def test_tune_stores_the_best_threshold_and_size_in_the_model(tmp_path, rng):
     from napari_tiled_unet.core.postprocess import MIN_SIZES, THRESHOLDS, label_plane
     from napari_tiled_unet.core.predict import predict_array
 
-    path = save_model(make_model(depth=2, base_channels=3, seed=4), tmp_path / "m.safetensors",
-                      metadata={"note": "kept"})
+    path = save_model(
+        make_model(depth=2, base_channels=3, seed=4),
+        tmp_path / "m.safetensors",
+        metadata={"note": "kept"},
+    )
     images, labels = annotated_files(tmp_path, seeds=range(2), size=80)
-    assert cli.main(["tune", str(path), "--images", *map(str, images), "--labels", *map(str, labels)]) == 0
+    assert (
+        cli.main(["tune", str(path), "--images", *map(str, images), "--labels", *map(str, labels)])
+        == 0
+    )
     model = load_model(path)
     chosen = model.metadata["postprocess"]
     assert model.metadata["note"] == "kept" and chosen["planes"] == 2
     probabilities = [predict_array(model, tifffile.imread(p)) for p in images]
     truths = [tifffile.imread(p) for p in labels]
-    grid = {(t, s): np.mean([match_objects(label_plane(p, t, s), g, 0.5).ap
-                             for p, g in zip(probabilities, truths)])
-            for t in THRESHOLDS for s in MIN_SIZES}
+    grid = {
+        (t, s): np.mean(
+            [match_objects(label_plane(p, t, s), g, 0.5).ap for p, g in zip(probabilities, truths)]
+        )
+        for t in THRESHOLDS
+        for s in MIN_SIZES
+    }
     assert chosen["ap50"] == pytest.approx(max(grid.values()), abs=1e-12)
-    assert grid[(chosen["threshold"], chosen["min_size"])] == pytest.approx(chosen["ap50"], abs=1e-12)
+    assert grid[(chosen["threshold"], chosen["min_size"])] == pytest.approx(
+        chosen["ap50"], abs=1e-12
+    )
 
 
-@pytest.mark.parametrize("case, match", [
-    ("folder", "--output: .* is a folder; expected a file name"),
-    ("png", "--output: expected a file name ending in .tif or .tiff, got .*x.png"),
-    ("model", "--output: .* is one of this run's inputs"),
-    ("hard link", "--output: .* is one of this run's inputs"),
-    ("read-only", "--output: folder .* is not writable"),
-])
-def test_segment_refuses_bad_outputs_before_any_work(case, match, tmp_path, model_file, capsys,
-                                                     monkeypatch):
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("folder", "--output: .* is a folder; expected a file name"),
+        ("png", "--output: expected a file name ending in .tif or .tiff, got .*x.png"),
+        ("model", "--output: .* is one of this run's inputs"),
+        ("hard link", "--output: .* is one of this run's inputs"),
+        ("read-only", "--output: folder .* is not writable"),
+    ],
+)
+def test_segment_refuses_bad_outputs_before_any_work(
+    case, match, tmp_path, model_file, capsys, monkeypatch
+):
     import os
 
     from napari_tiled_unet.core import segment as segment_module
@@ -227,8 +341,20 @@ def test_train_never_replaces_one_of_its_inputs(tmp_path, capsys):
     tifffile.imwrite(image, np.zeros((40, 40), np.uint8))
     tifffile.imwrite(labels, np.ones((40, 40), np.uint16))
     before = image.read_bytes()
-    code = cli.main(["train", "--images", str(image), "--labels", str(labels), "-o", str(image),
-                     "--overwrite", "--iterations", "1"])
+    code = cli.main(
+        [
+            "train",
+            "--images",
+            str(image),
+            "--labels",
+            str(labels),
+            "-o",
+            str(image),
+            "--overwrite",
+            "--iterations",
+            "1",
+        ]
+    )
     assert code == 2 and "is one of this run's inputs" in capsys.readouterr().err
     assert image.read_bytes() == before
 
@@ -238,8 +364,9 @@ def test_a_folder_without_tiffs_as_input_says_so(tmp_path, capsys):
     assert "holds no .tif or .tiff file" in capsys.readouterr().err
 
 
-def test_a_folder_is_segmented_into_a_folder_with_the_model_loaded_once(tmp_path, model_file,
-                                                                        monkeypatch, capsys):
+def test_a_folder_is_segmented_into_a_folder_with_the_model_loaded_once(
+    tmp_path, model_file, monkeypatch, capsys
+):
     from napari_tiled_unet.core import modelfile
 
     (tmp_path / "in").mkdir()
@@ -249,18 +376,44 @@ def test_a_folder_is_segmented_into_a_folder_with_the_model_loaded_once(tmp_path
     real = modelfile.load_model
     monkeypatch.setattr(modelfile, "load_model", lambda path: loads.append(path) or real(path))
     out = tmp_path / "out"
-    assert cli.main(["segment", str(tmp_path / "in"), "-o", str(out), "--model", str(model_file),
-                     "--quiet"]) == 0
+    assert (
+        cli.main(
+            ["segment", str(tmp_path / "in"), "-o", str(out), "--model", str(model_file), "--quiet"]
+        )
+        == 0
+    )
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["img0_labels.tif", "img1_labels.tif", "img2_labels.tif",
-                     "lab0_labels.tif", "lab1_labels.tif", "lab2_labels.tif"]
+    assert names == [
+        "img0_labels.tif",
+        "img1_labels.tif",
+        "img2_labels.tif",
+        "lab0_labels.tif",
+        "lab1_labels.tif",
+        "lab2_labels.tif",
+    ]
     assert len(loads) == 1
     single = tmp_path / "single.tif"
-    assert cli.main(["segment", str(images[1]), "-o", str(single), "--model", str(model_file),
-                     "--quiet"]) == 0
+    assert (
+        cli.main(
+            ["segment", str(images[1]), "-o", str(single), "--model", str(model_file), "--quiet"]
+        )
+        == 0
+    )
     assert np.array_equal(tifffile.imread(out / "img1_labels.tif"), tifffile.imread(single))
-    assert cli.main(["segment", str(images[0]), str(images[1]), "-o", str(single),
-                     "--model", str(model_file)]) == 2
+    assert (
+        cli.main(
+            [
+                "segment",
+                str(images[0]),
+                str(images[1]),
+                "-o",
+                str(single),
+                "--model",
+                str(model_file),
+            ]
+        )
+        == 2
+    )
     assert "expected a folder" in capsys.readouterr().err
 
 
@@ -271,10 +424,13 @@ def test_version_and_a_torch_free_info(model_file, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("tiled-unet ")
-    code = ("import sys; from napari_tiled_unet.cli import main; main(['info', sys.argv[1]]); "
-            "print('torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code, str(model_file)], capture_output=True,
-                            text=True, check=True)
+    code = (
+        "import sys; from napari_tiled_unet.cli import main; main(['info', sys.argv[1]]); "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(model_file)], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip().endswith("False") and "parameters" in result.stdout
 
 
@@ -286,31 +442,78 @@ def test_boundary_models_train_tune_and_segment_from_the_command_line(tmp_path):
 
     images, labels = annotated_files(tmp_path, seeds=range(2), size=80)
     model_path = tmp_path / "b.safetensors"
-    assert cli.main(["train", "--images", *map(str, images), "--labels", *map(str, labels),
-                     "-o", str(model_path), "--mode", "boundary", "--iterations", "3",
-                     "--patch", "92", "--depth", "2", "--base-channels", "4", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "train",
+                "--images",
+                *map(str, images),
+                "--labels",
+                *map(str, labels),
+                "-o",
+                str(model_path),
+                "--mode",
+                "boundary",
+                "--iterations",
+                "3",
+                "--patch",
+                "92",
+                "--depth",
+                "2",
+                "--base-channels",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     model = load_model(model_path)
     assert model.config.n_classes == 3 and model.metadata["diameter"] > 0
-    assert cli.main(["tune", str(model_path), "--images", *map(str, images),
-                     "--labels", *map(str, labels)]) == 0
+    assert (
+        cli.main(
+            ["tune", str(model_path), "--images", *map(str, images), "--labels", *map(str, labels)]
+        )
+        == 0
+    )
     chosen = load_model(model_path).metadata["postprocess"]
     classes = [predict_array(model, tifffile.imread(p), output="classes") for p in images]
     truths = [tifffile.imread(p) for p in labels]
-    grid = {(t, s): np.mean([match_objects(label_boundary_plane(c, t, s), g, 0.5).ap
-                             for c, g in zip(classes, truths)])
-            for t in THRESHOLDS for s in MIN_SIZES}
+    grid = {
+        (t, s): np.mean(
+            [
+                match_objects(label_boundary_plane(c, t, s), g, 0.5).ap
+                for c, g in zip(classes, truths)
+            ]
+        )
+        for t in THRESHOLDS
+        for s in MIN_SIZES
+    }
     assert chosen["ap50"] == pytest.approx(max(grid.values()), abs=1e-12)
     out = tmp_path / "labels.tif"
-    assert cli.main(["segment", str(images[0]), "-o", str(out), "--model", str(model_path),
-                     "--quiet"]) == 0
+    assert (
+        cli.main(["segment", str(images[0]), "-o", str(out), "--model", str(model_path), "--quiet"])
+        == 0
+    )
     expected = label_boundary_plane(classes[0], chosen["threshold"], chosen["min_size"])
     assert np.array_equal(tifffile.imread(out), expected)
 
 
 def test_zoom_range_is_checked_before_work(tmp_path, capsys):
     images, labels = annotated_files(tmp_path, seeds=range(1), size=64)
-    code = cli.main(["train", "--images", str(images[0]), "--labels", str(labels[0]),
-                     "-o", str(tmp_path / "m.safetensors"), "--zoom", "2", "0.5"])
+    code = cli.main(
+        [
+            "train",
+            "--images",
+            str(images[0]),
+            "--labels",
+            str(labels[0]),
+            "-o",
+            str(tmp_path / "m.safetensors"),
+            "--zoom",
+            "2",
+            "0.5",
+        ]
+    )
     assert code == 2 and "--zoom: expected 0 < LOW <= HIGH, got 2.0 0.5" in capsys.readouterr().err
 
 
@@ -318,14 +521,24 @@ def test_measure_writes_a_table_of_every_object_of_every_plane(tmp_path, model_f
     import csv
 
     from napari_tiled_unet.core.measure import measure_plane
-
     from napari_tiled_unet.core.modelfile import load_model
     from napari_tiled_unet.core.predict import predict_array
 
     out = tmp_path / "labels.tif"
     median = float(np.median(predict_array(load_model(model_file), tifffile.imread(stack_file))))
-    assert segment(stack_file, "-o", out, "--model", model_file, "--measure",
-                   "--threshold", f"{median:.6f}") == 0
+    assert (
+        segment(
+            stack_file,
+            "-o",
+            out,
+            "--model",
+            model_file,
+            "--measure",
+            "--threshold",
+            f"{median:.6f}",
+        )
+        == 0
+    )
     labels, image = tifffile.imread(out), tifffile.imread(stack_file)
     with open(tmp_path / "labels.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -343,6 +556,7 @@ def test_link_z_gives_one_id_per_nucleus_through_a_z_stack(tmp_path, model_file)
     from napari_tiled_unet.core.modelfile import load_model
     from napari_tiled_unet.core.postprocess import ZLinker
     from napari_tiled_unet.core.predict import predict_array
+
     from .synthetic import touching_blobs
 
     plane = touching_blobs(5, size=96, pairs=1, singles=3)[0]
@@ -352,19 +566,49 @@ def test_link_z_gives_one_id_per_nucleus_through_a_z_stack(tmp_path, model_file)
     model = load_model(model_file)
     threshold = round(float(np.quantile(predict_array(model, stack), 0.8)), 6)
     out = tmp_path / "linked.tif"
-    assert cli.main(["segment", str(path), "-o", str(out), "--model", str(model_file), "--quiet",
-                     "--link-z", "0.5", "--threshold", f"{threshold:.6f}"]) == 0
+    assert (
+        cli.main(
+            [
+                "segment",
+                str(path),
+                "-o",
+                str(out),
+                "--model",
+                str(model_file),
+                "--quiet",
+                "--link-z",
+                "0.5",
+                "--threshold",
+                f"{threshold:.6f}",
+            ]
+        )
+        == 0
+    )
     linked = tifffile.imread(out)
     from napari_tiled_unet.core.segment import segment
 
     linker = ZLinker(0.5)
-    expected = [linker.link(p.labels) for e in segment(model, stack, threshold=threshold)
-                for p in e.planes]
+    expected = [
+        linker.link(p.labels) for e in segment(model, stack, threshold=threshold) for p in e.planes
+    ]
     assert np.array_equal(linked, np.stack(expected)) and linked.max() > 0
     flat = tmp_path / "t.tif"
     tifffile.imwrite(flat, stack, metadata={"axes": "TYX"})
-    assert cli.main(["segment", str(flat), "-o", str(tmp_path / "x.tif"), "--model",
-                     str(model_file), "--link-z", "0.5"]) == 2
+    assert (
+        cli.main(
+            [
+                "segment",
+                str(flat),
+                "-o",
+                str(tmp_path / "x.tif"),
+                "--model",
+                str(model_file),
+                "--link-z",
+                "0.5",
+            ]
+        )
+        == 2
+    )
 
 
 def test_input_errors_are_one_line_and_bugs_show_their_traceback(tmp_path, capsys, monkeypatch):
@@ -375,7 +619,10 @@ def test_input_errors_are_one_line_and_bugs_show_their_traceback(tmp_path, capsy
     tifffile.imwrite(image, np.zeros((64, 64), np.uint8))
     args = ["segment", str(image), "-o", str(tmp_path / "out.tif"), "--tile", "-3", "--quiet"]
     assert cli.main(args) == 2
-    assert capsys.readouterr().err == "tiled-unet segment: error: --tile: expected a positive integer or 'auto', got '-3'\n"
+    assert (
+        capsys.readouterr().err
+        == "tiled-unet segment: error: --tile: expected a positive integer or 'auto', got '-3'\n"
+    )
     with pytest.raises(ValueError, match="--tile"):
         cli.main(["--debug", *args])
 
@@ -385,3 +632,36 @@ def test_input_errors_are_one_line_and_bugs_show_their_traceback(tmp_path, capsy
     monkeypatch.setattr(segment_module, "segment", broken)
     with pytest.raises(ValueError, match="operands could not be broadcast"):
         cli.main(["segment", str(image), "-o", str(tmp_path / "out.tif"), "--quiet"])
+
+
+def test_a_planar_rgb_file_is_averaged_to_grey_with_a_message_and_none_keeps_the_planes(
+    tmp_path, model_file, rng, capsys
+):
+    """The one colour rule (core.channels): what tifffile writes for a (3, Y, X) array is RGB
+    samples; a one-channel model sees their mean, and --channel-axis none segments each
+    colour as a plane."""
+    from napari_tiled_unet.core.postprocess import instance_labels
+    from napari_tiled_unet.core.predict import predict_array
+
+    rgb = rng.integers(0, 255, (3, 60, 70), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb", planarconfig="separate")
+    assert segment(tmp_path / "rgb.tif", "-o", tmp_path / "grey.tif", "--model", model_file) == 0
+    said = capsys.readouterr().err
+    assert "rgb.tif: image: the colours on axis 0 (RGB) were averaged to grey" in said
+    assert "pass --channel-axis none to segment each colour as a plane" in said
+    grey = rgb.mean(axis=0, dtype=np.float32)
+    expected = instance_labels(predict_array(load_model(model_file), grey), 0.5, 0)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "grey.tif"), expected)
+    assert (
+        segment(
+            tmp_path / "rgb.tif",
+            "-o",
+            tmp_path / "planes.tif",
+            "--model",
+            model_file,
+            "--channel-axis",
+            "none",
+        )
+        == 0
+    )
+    assert tifffile.imread(tmp_path / "planes.tif").shape == (3, 60, 70)

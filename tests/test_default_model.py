@@ -22,8 +22,10 @@ def model():
 
 
 def sample(stem):
-    return (tifffile.imread(SAMPLES / f"{stem}_image.tif"),
-            tifffile.imread(SAMPLES / f"{stem}_labels.tif"))
+    return (
+        tifffile.imread(SAMPLES / f"{stem}_image.tif"),
+        tifffile.imread(SAMPLES / f"{stem}_labels.tif"),
+    )
 
 
 def segmented(model, image):
@@ -41,10 +43,13 @@ def test_bundled_model_is_small_valid_padding_and_documented(model):
     assert (DEFAULT_MODEL.parent / "MODEL_CARD.md").is_file()
 
 
-@pytest.mark.parametrize("stem, least_ap", [
-    ("nuclei_a", 0.8),   # among the training images
-    ("nuclei_c", 0.8),   # held out: never trained on
-])
+@pytest.mark.parametrize(
+    "stem, least_ap",
+    [
+        ("nuclei_a", 0.8),  # among the training images
+        ("nuclei_c", 0.8),  # held out: never trained on
+    ],
+)
 def test_bundled_model_segments_the_sample_nuclei(model, stem, least_ap):
     image, truth = sample(stem)
     scores = match_objects(segmented(model, image), truth, 0.5)
@@ -56,10 +61,15 @@ def test_bundled_model_segments_the_sample_nuclei(model, stem, least_ap):
 def test_segment_without_model_uses_the_bundled_one(model, tmp_path, capsys):
     image, _ = sample("nuclei_a")
     output = tmp_path / "labels.tif"
-    assert cli.main(["segment", str(SAMPLES / "nuclei_a_image.tif"), "-o", str(output), "--quiet"]) == 0
+    assert (
+        cli.main(["segment", str(SAMPLES / "nuclei_a_image.tif"), "-o", str(output), "--quiet"])
+        == 0
+    )
     expected = segmented(model, image)
     np.testing.assert_array_equal(tifffile.imread(output), expected)
-    assert capsys.readouterr().out.strip() == f"{output}: {int(expected.max())} objects in 1 plane(s)"
+    assert (
+        capsys.readouterr().out.strip() == f"{output}: {int(expected.max())} objects in 1 plane(s)"
+    )
 
 
 @pytest.mark.parametrize("stem", ["nuclei_b", "nuclei_c"])
@@ -71,7 +81,7 @@ def test_a_3x_upscaled_sample_is_segmented_as_well_with_auto_diameter(model, ste
 
     image, truth = sample(stem)
     if image.shape[0] > 300:
-        image, truth = image[:256, :256], truth[:256, :256]   # keep the test quick
+        image, truth = image[:256, :256], truth[:256, :256]  # keep the test quick
     original = match_objects(segmented(model, image), truth, 0.5).ap
     large, large_truth = ndimage.zoom(image, 3, order=1), ndimage.zoom(truth, 3, order=0)
     events = list(segment(model, large, diameter="auto", device="cpu"))

@@ -25,20 +25,28 @@ def model_file(tmp_path):
 @pytest.fixture
 def stack_file(tmp_path):
     path = tmp_path / "stack.tif"
-    tifffile.imwrite(path, np.random.default_rng(0).integers(0, 255, (40, 128, 128), np.uint8),
-                     metadata={"axes": "ZYX"})
+    tifffile.imwrite(
+        path,
+        np.random.default_rng(0).integers(0, 255, (40, 128, 128), np.uint8),
+        metadata={"axes": "ZYX"},
+    )
     return path
 
 
 def run_segment(*args):
     code = "import sys; from napari_tiled_unet.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen([sys.executable, "-c", code, "segment", *map(str, args), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "segment", *map(str, args), "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("failing", ["labels.tif", "prob.tif"])
-def test_disk_full_on_either_output_keeps_both_previous_files(failing, tmp_path, model_file,
-                                                              stack_file, monkeypatch, capsys):
+def test_disk_full_on_either_output_keeps_both_previous_files(
+    failing, tmp_path, model_file, stack_file, monkeypatch, capsys
+):
     from napari_tiled_unet.core import io
 
     labels, probabilities = tmp_path / "labels.tif", tmp_path / "prob.tif"
@@ -55,19 +63,33 @@ def test_disk_full_on_either_output_keeps_both_previous_files(failing, tmp_path,
 
     monkeypatch.setattr(io._TiffTarget, "write", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        cli.main(["segment", str(stack_file), "-o", str(labels), "--probabilities",
-                  str(probabilities), "--model", str(model_file), "--overwrite", "--quiet"])
+        cli.main(
+            [
+                "segment",
+                str(stack_file),
+                "-o",
+                str(labels),
+                "--probabilities",
+                str(probabilities),
+                "--model",
+                str(model_file),
+                "--overwrite",
+                "--quiet",
+            ]
+        )
     assert labels.read_bytes() == b"old labels"
     assert probabilities.read_bytes() == b"old probabilities"
     assert not list(tmp_path.glob(".*.partial"))
 
 
-def test_kill_9_mid_write_keeps_the_old_file_and_the_next_run_cleans_up(tmp_path, model_file,
-                                                                         stack_file):
+def test_kill_9_mid_write_keeps_the_old_file_and_the_next_run_cleans_up(
+    tmp_path, model_file, stack_file
+):
     labels = tmp_path / "labels.tif"
     labels.write_bytes(b"old labels")
-    process = run_segment(stack_file, "-o", labels, "--model", model_file, "--overwrite",
-                          "--tile", "64")
+    process = run_segment(
+        stack_file, "-o", labels, "--model", model_file, "--overwrite", "--tile", "64"
+    )
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".labels.tif.*.partial")) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -75,25 +97,40 @@ def test_kill_9_mid_write_keeps_the_old_file_and_the_next_run_cleans_up(tmp_path
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert labels.read_bytes() == b"old labels"
-    assert cli.main(["segment", str(stack_file), "-o", str(labels), "--model", str(model_file),
-                     "--overwrite", "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "segment",
+                str(stack_file),
+                "-o",
+                str(labels),
+                "--model",
+                str(model_file),
+                "--overwrite",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert tifffile.imread(labels).shape == (40, 128, 128)
-    assert not list(tmp_path.glob(".*.partial"))   # the dead run's file is gone too
+    assert not list(tmp_path.glob(".*.partial"))  # the dead run's file is gone too
 
 
-def test_concurrent_runs_never_replace_each_other_without_overwrite(tmp_path, model_file,
-                                                                    stack_file):
+def test_concurrent_runs_never_replace_each_other_without_overwrite(
+    tmp_path, model_file, stack_file
+):
     labels = tmp_path / "labels.tif"
     runs = [run_segment(stack_file, "-o", labels, "--model", model_file) for _ in range(2)]
     results = [(p.wait(timeout=300), p.communicate()[1]) for p in runs]
-    assert sorted(code for code, _ in results) == [0, 2]   # one wins; the other keeps its file
+    assert sorted(code for code, _ in results) == [0, 2]  # one wins; the other keeps its file
     assert any("appeared during the run" in err or "exists" in err for _, err in results)
     assert tifffile.imread(labels).shape == (40, 128, 128)
     assert not list(tmp_path.glob(".*.partial"))
 
 
-def test_sigterm_is_reported_with_the_shells_code_and_writes_nothing(tmp_path, model_file,
-                                                                      stack_file):
+def test_sigterm_is_reported_with_the_shells_code_and_writes_nothing(
+    tmp_path, model_file, stack_file
+):
     labels = tmp_path / "labels.tif"
     process = run_segment(stack_file, "-o", labels, "--model", model_file, "--tile", "64")
     deadline = time.monotonic() + 120
@@ -122,36 +159,84 @@ def test_huge_planes_are_segmented_in_blocks_with_the_same_result(tmp_path, monk
     stack = ((stack - stack.min()) / np.ptp(stack) * 255).astype(np.uint8)
     tifffile.imwrite(tmp_path / "in.tif", stack)
     threshold = np.percentile(predict_array(model, stack), 60)
-    args = [str(tmp_path / "in.tif"), "--model", str(tmp_path / "model.safetensors"),
-            "--threshold", str(threshold), "--min-size", "20", "--quiet"]
-    assert cli.main(["segment", *args, "-o", str(tmp_path / "whole.tif"),
-                     "--probabilities", str(tmp_path / "whole_p.tif")]) == 0
+    args = [
+        str(tmp_path / "in.tif"),
+        "--model",
+        str(tmp_path / "model.safetensors"),
+        "--threshold",
+        str(threshold),
+        "--min-size",
+        "20",
+        "--quiet",
+    ]
+    assert (
+        cli.main(
+            [
+                "segment",
+                *args,
+                "-o",
+                str(tmp_path / "whole.tif"),
+                "--probabilities",
+                str(tmp_path / "whole_p.tif"),
+            ]
+        )
+        == 0
+    )
     monkeypatch.setattr(cli, "HUGE_PLANE_PIXELS", 100 * 100)
     monkeypatch.setattr(distributed, "DEFAULT_BLOCK", 48)
-    assert cli.main(["segment", *args, "-o", str(tmp_path / "blocks.tif"),
-                     "--probabilities", str(tmp_path / "blocks_p.tif")]) == 0
+    assert (
+        cli.main(
+            [
+                "segment",
+                *args,
+                "-o",
+                str(tmp_path / "blocks.tif"),
+                "--probabilities",
+                str(tmp_path / "blocks_p.tif"),
+            ]
+        )
+        == 0
+    )
     with tifffile.TiffFile(tmp_path / "blocks.tif") as tif:
         assert tif.pages[0].is_tiled and tif.series[0].axes == "QYX"
         blocks = tif.asarray()
     whole = tifffile.imread(tmp_path / "whole.tif")
-    np.testing.assert_allclose(tifffile.imread(tmp_path / "blocks_p.tif"),
-                               tifffile.imread(tmp_path / "whole_p.tif"), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        tifffile.imread(tmp_path / "blocks_p.tif"),
+        tifffile.imread(tmp_path / "whole_p.tif"),
+        atol=1e-6,
+        rtol=0,
+    )
     np.testing.assert_array_equal(blocks > 0, whole > 0)
     cut = 0
     for mine, theirs in zip(blocks, whole):
         pairs = np.unique(np.stack([mine[mine > 0], theirs[theirs > 0]]), axis=1)
         assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1] > 0
-        cut += sum(any(s.start // 48 != (s.stop - 1) // 48 for s in box)
-                   for box in ndimage.find_objects(theirs) if box is not None)
+        cut += sum(
+            any(s.start // 48 != (s.stop - 1) // 48 for s in box)
+            for box in ndimage.find_objects(theirs)
+            if box is not None
+        )
     assert cut >= 3
     assert not list(tmp_path.glob(".*partial*"))
 
 
-def test_huge_planes_refuse_what_needs_whole_planes(tmp_path, model_file, stack_file, monkeypatch,
-                                                    capsys):
+def test_huge_planes_refuse_what_needs_whole_planes(
+    tmp_path, model_file, stack_file, monkeypatch, capsys
+):
     monkeypatch.setattr(cli, "HUGE_PLANE_PIXELS", 100)
-    code = cli.main(["segment", str(stack_file), "-o", str(tmp_path / "out.tif"), "--model",
-                     str(model_file), "--measure", "--quiet"])
+    code = cli.main(
+        [
+            "segment",
+            str(stack_file),
+            "-o",
+            str(tmp_path / "out.tif"),
+            "--model",
+            str(model_file),
+            "--measure",
+            "--quiet",
+        ]
+    )
     assert code == 2
     assert "--measure: not available for planes over" in capsys.readouterr().err
     assert not (tmp_path / "out.tif").exists()

@@ -1,13 +1,14 @@
 import numpy as np
 import pytest
 import tifffile
-
 from napari_tiled_unet.sample_data import make_big_stack
 
 
 def test_big_stack_is_a_mosaic_of_the_samples_with_matching_labels(tmp_path):
     samples = make_big_stack.load_samples()
-    image_path, labels_path = make_big_stack.write_stack(tmp_path / "big.tif", planes=3, size=600, seed=2)
+    image_path, labels_path = make_big_stack.write_stack(
+        tmp_path / "big.tif", planes=3, size=600, seed=2
+    )
     image, labels = tifffile.imread(image_path), tifffile.imread(labels_path)
     assert image.shape == labels.shape == (3, 600, 600)
     assert image.dtype == np.uint8 and labels.dtype == np.uint32
@@ -17,7 +18,7 @@ def test_big_stack_is_a_mosaic_of_the_samples_with_matching_labels(tmp_path):
     first_image, first_labels = make_big_stack.mosaic_plane(samples, 600, rng)
     np.testing.assert_array_equal(image[0], first_image)
     np.testing.assert_array_equal(labels[0], first_labels)
-    objects_per_sample = [int(l.max()) for _, l in samples]
+    objects_per_sample = [int(truth.max()) for _, truth in samples]
     assert labels[0].max() >= min(objects_per_sample)
     # the same seed gives the same stack; labels sit on nuclei (bright), background on dark pixels
     again, _ = make_big_stack.write_stack(tmp_path / "again.tif", planes=3, size=600, seed=2)

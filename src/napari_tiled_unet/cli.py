@@ -18,7 +18,6 @@ import numpy as np
 from .models import DEFAULT_MODEL
 
 
-
 class UsageError(Exception):
     """Bad input found before work started; printed without a traceback."""
 
@@ -33,7 +32,7 @@ def main(argv=None) -> int:
         return args.run(args)
     except (UsageError, ValueError, FileNotFoundError, FileExistsError) as error:
         if args.debug or not _is_user_error(error):
-            raise   # a bug, or asked for: the traceback (exit 1)
+            raise  # a bug, or asked for: the traceback (exit 1)
         print(f"tiled-unet {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -44,8 +43,11 @@ _USER_ERROR = re.compile(r"^[-\w. ]{1,40}( \([^)]*\))?: ")
 
 def _is_user_error(error: Exception) -> bool:
     """Errors about the user's input (printed as one line); any other ValueError is a bug."""
-    return not isinstance(error, ValueError) or isinstance(error, UsageError) or bool(
-        _USER_ERROR.match(str(error)))
+    return (
+        not isinstance(error, ValueError)
+        or isinstance(error, UsageError)
+        or bool(_USER_ERROR.match(str(error)))
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,55 +58,106 @@ def _parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the traceback of every error, input errors included")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the traceback of every error, input errors included",
+    )
     commands = parser.add_subparsers(dest="command")
     segment = commands.add_parser(
-        "segment", help="segment a TIFF image or stack into instance labels",
+        "segment",
+        help="segment a TIFF image or stack into instance labels",
         description="Segment a TIFF image or stack (any size; read and written plane by plane).",
     )
-    segment.add_argument("input", type=Path, nargs="+",
-                         help="input TIFF (2D, stack, multichannel); several, or a folder of TIFFs, "
-                              "with -o a folder")
-    segment.add_argument("-o", "--output", type=Path, required=True,
-                         help="labels TIFF to write (a folder for several inputs: NAME_labels.tif), "
-                              "or an OME-Zarr store (OUT.zarr: block-wise on a Dask cluster)")
+    segment.add_argument(
+        "input",
+        type=Path,
+        nargs="+",
+        help="input TIFF (2D, stack, multichannel); several, or a folder of TIFFs, "
+        "with -o a folder",
+    )
+    segment.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="labels TIFF to write (a folder for several inputs: NAME_labels.tif), "
+        "or an OME-Zarr store (OUT.zarr: block-wise on a Dask cluster)",
+    )
     segment.add_argument("--model", type=Path, help="model file (default: the bundled model)")
-    segment.add_argument("--probabilities", type=Path, nargs="?", const=True,
-                         help="also write foreground probabilities: a TIFF path, or no value "
-                              "with a .zarr output (stored in it)")
-    segment.add_argument("--measure", action="store_true",
-                         help="also write a CSV of the objects beside the labels (LABELS.csv): "
-                              "plane, label, area, centroid, bounding box, mean intensity")
-    segment.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    segment.add_argument(
+        "--probabilities",
+        type=Path,
+        nargs="?",
+        const=True,
+        help="also write foreground probabilities: a TIFF path, or no value "
+        "with a .zarr output (stored in it)",
+    )
+    segment.add_argument(
+        "--measure",
+        action="store_true",
+        help="also write a CSV of the objects beside the labels (LABELS.csv): "
+        "plane, label, area, centroid, bounding box, mean intensity",
+    )
+    segment.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)"
+    )
     segment.add_argument("--tile", default="auto", help="input tile size in pixels, or auto")
-    segment.add_argument("--batch", default="auto", help="tiles per forward pass (default auto: 4 on CUDA, 1 on CPU)")
+    segment.add_argument(
+        "--batch", default="auto", help="tiles per forward pass (default auto: 4 on CUDA, 1 on CPU)"
+    )
     segment.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
-    segment.add_argument("--threshold", type=float,
-                         help="foreground threshold (default: the model's recommendation, else 0.5)")
-    segment.add_argument("--min-size", type=int,
-                         help="drop smaller objects, in pixels (default: the model's recommendation, else 0)")
-    segment.add_argument("--channel-axis", type=int, help="channel axis when the file's metadata has none")
-    segment.add_argument("--series", type=int, help="image series to read from a file that holds several")
-    segment.add_argument("--link-z", type=float, metavar="IOU",
-                         help="link objects across Z into 3D ids: an object continues one in the "
-                              "plane before it that it overlaps with at least this IoU (e.g. 0.5)")
-    segment.add_argument("--diameter", type=_diameter,
-                         help="typical object diameter in px, or auto (estimated from the first "
-                              "plane): planes are segmented where objects match the model's "
-                              "training size, labels mapped back (default: the image as it is)")
+    segment.add_argument(
+        "--threshold",
+        type=float,
+        help="foreground threshold (default: the model's recommendation, else 0.5)",
+    )
+    segment.add_argument(
+        "--min-size",
+        type=int,
+        help="drop smaller objects, in pixels (default: the model's recommendation, else 0)",
+    )
+    segment.add_argument(
+        "--channel-axis",
+        type=_channel_axis_arg,
+        help="channel axis when the file's metadata has none, or none (every axis but Y, X "
+        "is a plane axis; colour images are otherwise averaged to grey for one-channel models)",
+    )
+    segment.add_argument(
+        "--series", type=int, help="image series to read from a file that holds several"
+    )
+    segment.add_argument(
+        "--link-z",
+        type=float,
+        metavar="IOU",
+        help="link objects across Z into 3D ids: an object continues one in the "
+        "plane before it that it overlaps with at least this IoU (e.g. 0.5)",
+    )
+    segment.add_argument(
+        "--diameter",
+        type=_diameter,
+        help="typical object diameter in px, or auto (estimated from the first "
+        "plane): planes are segmented where objects match the model's "
+        "training size, labels mapped back (default: the image as it is)",
+    )
     segment.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")
     cluster = segment.add_argument_group(
         "cluster (with a .zarr output)",
-        "Block-wise segmentation on Dask workers; rerunning the same command resumes.")
+        "Block-wise segmentation on Dask workers; rerunning the same command resumes.",
+    )
     where = cluster.add_mutually_exclusive_group()
-    where.add_argument("--cluster", metavar="local:N",
-                       help="start a local Dask cluster of N worker processes (default local:1)")
-    where.add_argument("--scheduler", metavar="ADDRESS",
-                       help="use a running Dask scheduler, e.g. tcp://HOST:8786")
-    cluster.add_argument("--block", type=int, default=None,
-                         help="block (= zarr chunk) size in px (default 1024)")
+    where.add_argument(
+        "--cluster",
+        metavar="local:N",
+        help="start a local Dask cluster of N worker processes (default local:1)",
+    )
+    where.add_argument(
+        "--scheduler", metavar="ADDRESS", help="use a running Dask scheduler, e.g. tcp://HOST:8786"
+    )
+    cluster.add_argument(
+        "--block", type=int, default=None, help="block (= zarr chunk) size in px (default 1024)"
+    )
     segment.set_defaults(run=_segment)
     _add_train_parser(commands)
     _add_tune_parser(commands).set_defaults(run=_tune)
@@ -118,24 +171,32 @@ def _segment(args) -> int:
     """One input, or a batch (several inputs or folders into an output folder): everything is
     checked before any work, and the model is loaded once."""
     from .core.io import read_tiff
-    from .core.modelfile import load_model
+    from .core.modelfile import load_model, read_header
     from .core.postprocess import postprocess_options
 
     if args.output.suffix.lower() == ".zarr":
         return _segment_on_cluster(args)
     if args.cluster or args.scheduler or args.block is not None:
-        raise UsageError("--cluster, --scheduler and --block: expected a .zarr output "
-                         f"(-o OUT.zarr), got {args.output}")
+        raise UsageError(
+            "--cluster, --scheduler and --block: expected a .zarr output "
+            f"(-o OUT.zarr), got {args.output}"
+        )
     if args.probabilities is True:
         raise UsageError("--probabilities: expected a TIFF path for a TIFF output")
     jobs = _segment_jobs(args)
     postprocess_options(None, args.threshold, args.min_size)  # given values are checked first
-    images = [read_tiff(job.input, name="input", series=job.series) for job in jobs]
+    in_channels = int(read_header(_model_path(args.model))["config"].get("in_channels", 1))
+    fitted = [
+        _fitted(read_tiff(job.input, name="input", series=job.series), job, in_channels)
+        for job in jobs
+    ]
     outputs = [_checked_outputs(job) for job in jobs]
-    for job, image in zip(jobs, images):
-        _z_linker(job.link_z, _plane_axes(image, job))
+    for job, (image, _) in zip(jobs, fitted):
+        _z_linker(job.link_z, _plane_axes(image))
     model = load_model(_model_path(args.model))
-    for job, image, output in zip(jobs, images, outputs):
+    for job, (image, said), output in zip(jobs, fitted, outputs):
+        if said:
+            print(f"tiled-unet segment: {job.input.name}: {said}", file=sys.stderr)
         code = _segment_file(job, image, output, model)
         if code != 0:
             return code
@@ -159,15 +220,20 @@ def _segment_on_cluster(args) -> int:
     stop = _StopFlag()
     with _dask_client(args) as client, stop.installed():
         try:
-            events = distributed.segment_on_cluster(job, client, overwrite=args.overwrite, should_stop=stop)
+            events = distributed.segment_on_cluster(
+                job, client, overwrite=args.overwrite, should_stop=stop
+            )
         except ValueError as error:
             raise UsageError(_as_option(str(error))) from None
         if client.dashboard_link and not args.quiet:
             print(f"tiled-unet segment: Dask dashboard at {client.dashboard_link}", file=sys.stderr)
         last = _drain_cluster(events, args.quiet)
     if last.stopped:
-        print(f"tiled-unet segment: stopped after {last.done} of {last.total} blocks; rerun the "
-              f"same command to resume", file=sys.stderr)
+        print(
+            f"tiled-unet segment: stopped after {last.done} of {last.total} blocks; rerun the "
+            f"same command to resume",
+            file=sys.stderr,
+        )
         return stop.exit_code
     resumed = f" ({last.skipped} blocks done by an earlier run)" if last.skipped else ""
     print(f"{args.output}: {last.objects} objects in {last.total} blocks{resumed}")
@@ -180,11 +246,21 @@ def _block_job(args, source: Path, store: Path, model, block: int):
     from .core.predict import positive_or_auto
 
     return distributed.plan_job(
-        _model_path(args.model), source, store, model=model, series=args.series,
-        channel_axis=args.channel_axis, block=block, threshold=args.threshold,
-        min_size=args.min_size, probabilities=bool(args.probabilities),
-        tile=positive_or_auto("--tile", args.tile), batch=positive_or_auto("--batch", args.batch),
-        device=args.device, precision=args.precision)
+        _model_path(args.model),
+        source,
+        store,
+        model=model,
+        series=args.series,
+        channel_axis=None if args.channel_axis == "none" else args.channel_axis,
+        block=block,
+        threshold=args.threshold,
+        min_size=args.min_size,
+        probabilities=bool(args.probabilities),
+        tile=positive_or_auto("--tile", args.tile),
+        batch=positive_or_auto("--batch", args.batch),
+        device=args.device,
+        precision=args.precision,
+    )
 
 
 def _check_store_path(path: Path, inputs) -> None:
@@ -215,8 +291,10 @@ def _segment_in_blocks(args, outputs, model, axes: str) -> int:
 
     option = _whole_plane_option(args)
     if option:
-        raise UsageError(f"{option}: not available for planes over {HUGE_PLANE_PIXELS // 2**20} Mpx "
-                         f"(segmented block by block to bound memory)")
+        raise UsageError(
+            f"{option}: not available for planes over {HUGE_PLANE_PIXELS // 2**20} Mpx "
+            f"(segmented block by block to bound memory)"
+        )
     store = outputs[0].with_name(f".{outputs[0].name}.{os.getpid()}.partial.zarr")
     job = _block_job(args, args.input, store, model, distributed.DEFAULT_BLOCK)
     stop, executor = _StopFlag(), distributed.InProcess()
@@ -236,16 +314,21 @@ def _segment_in_blocks(args, outputs, model, axes: str) -> int:
     finally:
         executor.close()
         shutil.rmtree(store, ignore_errors=True)
-    print(f"{args.output}: {last.objects} objects in {int(np.prod(job.leading, dtype=np.int64))} "
-          f"plane(s) (planes over {HUGE_PLANE_PIXELS // 2**20} Mpx: segmented in blocks; ids "
-          f"unique in the file)")
+    print(
+        f"{args.output}: {last.objects} objects in {int(np.prod(job.leading, dtype=np.int64))} "
+        f"plane(s) (planes over {HUGE_PLANE_PIXELS // 2**20} Mpx: segmented in blocks; ids "
+        f"unique in the file)"
+    )
     return 0
 
 
 def _whole_plane_option(args) -> str | None:
     """The first option given that needs whole planes in memory (the block-wise paths refuse it)."""
-    given = {"--diameter": args.diameter is not None, "--link-z": args.link_z is not None,
-             "--measure": args.measure}
+    given = {
+        "--diameter": args.diameter is not None,
+        "--link-z": args.link_z is not None,
+        "--measure": args.measure,
+    }
     return next((option for option, on in given.items() if on), None)
 
 
@@ -256,13 +339,22 @@ def _refuse_for_zarr(args) -> None:
     if option:
         raise UsageError(f"{option}: not available with a .zarr output; write a TIFF")
     if args.probabilities not in (None, True):
-        raise UsageError("--probabilities: with a .zarr output they are stored in it; pass the "
-                         "flag without a path")
+        raise UsageError(
+            "--probabilities: with a .zarr output they are stored in it; pass the "
+            "flag without a path"
+        )
 
 
 def _as_option(message: str) -> str:
-    option = {"block": "--block", "output": "--output", "input": "input", "model": "--model",
-              "channel_axis": "--channel-axis", "tile": "--tile", "batch": "--batch"}
+    option = {
+        "block": "--block",
+        "output": "--output",
+        "input": "input",
+        "model": "--model",
+        "channel_axis": "--channel-axis",
+        "tile": "--tile",
+        "batch": "--batch",
+    }
     name, _, rest = message.partition(": ")
     return f"{option[name]}: {rest}" if name in option and rest else message
 
@@ -273,7 +365,9 @@ def _dask_client(args):
     try:
         from distributed import Client, LocalCluster
     except ImportError:
-        raise UsageError("--cluster: needs dask.distributed: pip install 'napari-tiled-unet[cluster]'") from None
+        raise UsageError(
+            "--cluster: needs dask.distributed: pip install 'napari-tiled-unet[cluster]'"
+        ) from None
     if args.scheduler:
         try:
             client = Client(args.scheduler, timeout=_CONNECT_TIMEOUT_S)
@@ -286,9 +380,16 @@ def _dask_client(args):
     import os
 
     threads = max(1, (os.cpu_count() or 1) // workers)
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=":0", env={"OMP_NUM_THREADS": str(threads)}) as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            env={"OMP_NUM_THREADS": str(threads)},
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         yield client
 
 
@@ -336,8 +437,31 @@ def _segment_jobs(args) -> list:
     return [Namespace(**{**vars(args), "input": f, "output": out}) for f, out in pairs]
 
 
-def _plane_axes(image, args) -> str:
-    channel_axis = image.channel_axis if args.channel_axis is None else args.channel_axis
+def _channel_axis_arg(text: str) -> int | str:
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an axis number or none, got {text!r}") from None
+
+
+def _fitted(image, args, in_channels: int):
+    """The image with the channel axis this run uses, and what to tell the user: the one
+    colour rule of :mod:`core.channels` unless ``--channel-axis`` chose."""
+    from dataclasses import replace
+
+    from .core.channels import fit_colours
+
+    if args.channel_axis == "none":
+        return replace(image, channel_axis=None), None
+    if args.channel_axis is not None:
+        return replace(image, channel_axis=args.channel_axis), None
+    return fit_colours(image, in_channels)
+
+
+def _plane_axes(image) -> str:
+    channel_axis = image.channel_axis
     if channel_axis is not None and -len(image.shape) <= channel_axis < len(image.shape):
         channel_axis %= len(image.shape)
     return "".join(a for i, a in enumerate(image.axes) if i != channel_axis)
@@ -345,22 +469,39 @@ def _plane_axes(image, args) -> str:
 
 def _segment_file(args, image, outputs, model) -> int:
     from .core.batch import FileOutputs, segment_file
+    from .core.channels import GreyView
     from .core.io import IncompleteWrite
     from .core.predict import positive_or_auto
 
-    channel_axis = image.channel_axis if args.channel_axis is None else args.channel_axis
+    channel_axis = image.channel_axis
     shape = [n for i, n in enumerate(image.shape) if i != _axis_index(channel_axis, image.shape)]
+    if shape[-2] * shape[-1] > HUGE_PLANE_PIXELS and isinstance(image.data, GreyView):
+        raise UsageError(
+            f"--channel-axis: colour planes over {HUGE_PLANE_PIXELS // 2**20} Mpx are segmented "
+            f"block by block, which does not average colours; convert {args.input} to grey, "
+            f"or pass --channel-axis none"
+        )
     if shape[-2] * shape[-1] > HUGE_PLANE_PIXELS:
-        return _segment_in_blocks(args, outputs, model, _plane_axes(image, args))
+        return _segment_in_blocks(args, outputs, model, _plane_axes(image))
     stop = _StopFlag()
-    targets = FileOutputs(outputs[0], args.probabilities or None,
-                          outputs[-1] if args.measure else None)
+    targets = FileOutputs(
+        outputs[0], args.probabilities or None, outputs[-1] if args.measure else None
+    )
     events = segment_file(
-        model, image, targets, channel_axis=channel_axis, link_z=args.link_z,
-        overwrite=args.overwrite, should_stop=stop, threshold=args.threshold,
-        min_size=args.min_size, tile=positive_or_auto("--tile", args.tile),
-        batch=positive_or_auto("--batch", args.batch), device=args.device,
-        precision=args.precision, diameter=args.diameter,
+        model,
+        image,
+        targets,
+        channel_axis=channel_axis,
+        link_z=args.link_z,
+        overwrite=args.overwrite,
+        should_stop=stop,
+        threshold=args.threshold,
+        min_size=args.min_size,
+        tile=positive_or_auto("--tile", args.tile),
+        batch=positive_or_auto("--batch", args.batch),
+        device=args.device,
+        precision=args.precision,
+        diameter=args.diameter,
     )
     try:
         with stop.installed():
@@ -371,11 +512,15 @@ def _segment_file(args, image, outputs, model) -> int:
         print("tiled-unet segment: stopped; no output was written", file=sys.stderr)
         return stop.exit_code
     if last.linked is not None:
-        print(f"{args.output}: {last.linked} objects linked across {last.planes} plane(s) "
-              f"({last.objects} in the planes)")
+        print(
+            f"{args.output}: {last.linked} objects linked across {last.planes} plane(s) "
+            f"({last.objects} in the planes)"
+        )
     else:
-        print(f"{args.output}: {last.objects} objects in {last.planes} plane(s)"
-              f"{' (ids restart at 1 in each plane)' if last.planes > 1 else ''}")
+        print(
+            f"{args.output}: {last.objects} objects in {last.planes} plane(s)"
+            f"{' (ids restart at 1 in each plane)' if last.planes > 1 else ''}"
+        )
     return 0
 
 
@@ -431,7 +576,9 @@ def _diameter(text: str):
     except ValueError:
         value = float("nan")
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of pixels or 'auto', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of pixels or 'auto', got {text!r}"
+        )
     return value
 
 
@@ -443,8 +590,11 @@ def _drain_file(events, quiet):
             step = last.step
             if not told and step.diameter is not None:
                 told = True
-                print(f"tiled-unet segment: object diameter {step.diameter:.1f} px; planes "
-                      f"segmented at {step.factor:.3g}x", file=sys.stderr)
+                print(
+                    f"tiled-unet segment: object diameter {step.diameter:.1f} px; planes "
+                    f"segmented at {step.factor:.3g}x",
+                    file=sys.stderr,
+                )
             bar.update(step)
     finally:
         bar.close()
@@ -507,13 +657,19 @@ class _StopFlag:
 
 def _add_train_parser(commands):
     train = commands.add_parser(
-        "train", help="train a model from images and instance label images",
+        "train",
+        help="train a model from images and instance label images",
         description="Train a U-Net with the border-weighted loss. Label 0 is background; with "
-                    "--regions, only inside the region (nonzero) and ignored outside it.",
+        "--regions, only inside the region (nonzero) and ignored outside it.",
     )
     train.add_argument("--images", type=Path, nargs="+", required=True, help="image TIFFs")
-    train.add_argument("--labels", type=Path, nargs="+", required=True,
-                       help="instance label TIFFs, one per image (same shape)")
+    train.add_argument(
+        "--labels",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="instance label TIFFs, one per image (same shape)",
+    )
     train.add_argument("--regions", type=Path, nargs="+", help="masks of fully annotated regions")
     train.add_argument("--ignore-label", type=int, help="label id to ignore")
     train.add_argument("-o", "--output", type=Path, required=True, help="model file to write")
@@ -521,33 +677,67 @@ def _add_train_parser(commands):
     train.add_argument("--batch", type=int, default=4)
     train.add_argument("--patch", type=int, default=252, help="input patch size (px)")
     train.add_argument("--lr", type=float, default=1e-4)
-    train.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
-                       help="adam, or the paper's SGD with momentum 0.99")
-    train.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                       help="learning rate over the run (cosine: decays to 0 at the last iteration)")
+    train.add_argument(
+        "--optimizer",
+        choices=("adam", "sgd"),
+        default="adam",
+        help="adam, or the paper's SGD with momentum 0.99",
+    )
+    train.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="learning rate over the run (cosine: decays to 0 at the last iteration)",
+    )
     train.add_argument("--depth", type=int, default=3)
     train.add_argument("--base-channels", type=int, default=16)
-    train.add_argument("--mode", choices=("paper", "boundary"), default="paper",
-                       help="output: paper (background / foreground, touching objects split by a "
-                            "gap) or boundary (background / interior / boundary, split by "
-                            "watershed from the interiors)")
-    train.add_argument("--zoom", type=float, nargs=2, metavar=("LOW", "HIGH"), default=(0.5, 2.0),
-                       help="scale augmentation range: objects appear LOW to HIGH times their "
-                            "size (default 0.5 2; 1 1 turns it off)")
-    train.add_argument("--norm", choices=("none", "batch"), default="none",
-                       help="normalisation layer after each convolution (default none, as in the paper)")
-    train.add_argument("--weights", choices=("paper", "fiji"), default="paper",
-                       help="border weights: paper (w0 10, sigma 5) or fiji (w0 50, sigma 6)")
+    train.add_argument(
+        "--mode",
+        choices=("paper", "boundary", "distance"),
+        default="paper",
+        help="output: paper (background / foreground, touching objects split by a "
+        "gap), boundary (background / interior / boundary, split by "
+        "watershed from the interiors) or distance (foreground and a distance map, split "
+        "by watershed from the distance peaks)",
+    )
+    train.add_argument(
+        "--zoom",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=(0.5, 2.0),
+        help="scale augmentation range: objects appear LOW to HIGH times their "
+        "size (default 0.5 2; 1 1 turns it off)",
+    )
+    train.add_argument(
+        "--norm",
+        choices=("none", "batch"),
+        default="none",
+        help="normalisation layer after each convolution (default none, as in the paper)",
+    )
+    train.add_argument(
+        "--weights",
+        choices=("paper", "fiji"),
+        default="paper",
+        help="border weights: paper (w0 10, sigma 5) or fiji (w0 50, sigma 6)",
+    )
     train.add_argument("--w0", type=float, help="separation weight (default by --weights)")
     train.add_argument("--sigma", type=float, help="separation width (default by --weights)")
     train.add_argument("--pixel-size", type=float, help="pixel size; --sigma is then physical")
     train.add_argument("--val-fraction", type=float, default=0.1)
-    train.add_argument("--val-split", choices=("auto", "image", "plane"), default="auto",
-                       help="hold out whole images or planes (auto: images when several)")
+    train.add_argument(
+        "--val-split",
+        choices=("auto", "image", "plane"),
+        default="auto",
+        help="hold out whole images or planes (auto: images when several)",
+    )
     train.add_argument("--validate-every", type=int, default=100)
     train.add_argument("--init", type=Path, help="model file to fine-tune from")
-    train.add_argument("--resume", action="store_true",
-                       help="continue a stopped run into the same output from its checkpoint")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a stopped run into the same output from its checkpoint",
+    )
     train.add_argument("--device", default="auto")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -564,28 +754,56 @@ def _train(args) -> int:
     from .core.targets import n_classes_of
     from .core.train import TrainConfig, train
 
-    check_output_path("--output", args.output,
-                      [*args.images, *args.labels, *(args.regions or []), args.init],
-                      args.overwrite or args.resume)
+    check_output_path(
+        "--output",
+        args.output,
+        [*args.images, *args.labels, *(args.regions or []), args.init],
+        args.overwrite or args.resume,
+    )
     if args.resume and args.init:
         raise UsageError("--resume: continues the run writing --output; do not combine with --init")
     samples = _training_samples(args)
     config = TrainConfig(
-        iterations=args.iterations, batch=args.batch, patch=args.patch, lr=args.lr,
-        optimizer=args.optimizer, lr_schedule=args.lr_schedule, weights=args.weights,
-        w0=args.w0, sigma=args.sigma,
-        pixel_size=args.pixel_size, ignore_label=args.ignore_label,
-        val_fraction=args.val_fraction, val_split=args.val_split, validate_every=args.validate_every, seed=args.seed,
-        device=args.device, augmentation=replace(Augmentation(), zoom=_zoom_range(args.zoom)),
+        iterations=args.iterations,
+        batch=args.batch,
+        patch=args.patch,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        lr_schedule=args.lr_schedule,
+        weights=args.weights,
+        w0=args.w0,
+        sigma=args.sigma,
+        pixel_size=args.pixel_size,
+        ignore_label=args.ignore_label,
+        val_fraction=args.val_fraction,
+        val_split=args.val_split,
+        validate_every=args.validate_every,
+        seed=args.seed,
+        device=args.device,
+        augmentation=replace(Augmentation(), zoom=_zoom_range(args.zoom)),
     )
-    model_config = None if (args.init or args.resume) else UNetConfig(
-        depth=args.depth, base_channels=args.base_channels,
-        norm=None if args.norm == "none" else args.norm,
-        in_channels=_channels(samples[0]), n_classes=n_classes_of(args.mode),
+    model_config = (
+        None
+        if (args.init or args.resume)
+        else UNetConfig(
+            depth=args.depth,
+            base_channels=args.base_channels,
+            norm=None if args.norm == "none" else args.norm,
+            in_channels=_channels(samples[0]),
+            n_classes=n_classes_of(args.mode),
+            mode=None if args.mode != "distance" else "distance",
+        )
     )
     stop = _StopFlag()
-    events = train(samples, args.output, config=config, model_config=model_config,
-                   init=args.init, resume=args.resume, should_stop=stop)
+    events = train(
+        samples,
+        args.output,
+        config=config,
+        model_config=model_config,
+        init=args.init,
+        resume=args.resume,
+        should_stop=stop,
+    )
     last, told = None, False
     with stop.installed(), _TrainBar(args.quiet, args.iterations) as bar:
         for last in events:
@@ -595,13 +813,18 @@ def _train(args) -> int:
             bar.update(last)
     best = last.best or {}
     if last.worse_than_baseline:
-        print(f"tiled-unet train: warning: the new model scores AP@0.5 {best['ap50']:.3f} on the "
-              f"validation data, below the {last.baseline['ap50']:.3f} of {args.init} it started "
-              f"from", file=sys.stderr)
+        print(
+            f"tiled-unet train: warning: the new model scores AP@0.5 {best['ap50']:.3f} on the "
+            f"validation data, below the {last.baseline['ap50']:.3f} of {args.init} it started "
+            f"from",
+            file=sys.stderr,
+        )
     status = "stopped" if last.stopped else "done"
-    print(f"{status} after {last.iteration} iterations in {last.seconds:.0f} s; best validation "
-          f"AP@0.5 {best.get('ap50', float('nan')):.3f}, pixel IoU {best.get('iou', float('nan')):.3f} "
-          f"(iteration {best.get('iteration', '-')}); model: {args.output}")
+    print(
+        f"{status} after {last.iteration} iterations in {last.seconds:.0f} s; best validation "
+        f"AP@0.5 {best.get('ap50', float('nan')):.3f}, pixel IoU {best.get('iou', float('nan')):.3f} "
+        f"(iteration {best.get('iteration', '-')}); model: {args.output}"
+    )
     return 0
 
 
@@ -617,15 +840,23 @@ def _training_samples(args):
     from .core.train import Sample
 
     if len(args.labels) != len(args.images):
-        raise UsageError(f"--labels: expected one per image ({len(args.images)}), got {len(args.labels)}")
+        raise UsageError(
+            f"--labels: expected one per image ({len(args.images)}), got {len(args.labels)}"
+        )
     if args.regions and len(args.regions) != len(args.images):
-        raise UsageError(f"--regions: expected one per image ({len(args.images)}), got {len(args.regions)}")
+        raise UsageError(
+            f"--regions: expected one per image ({len(args.images)}), got {len(args.regions)}"
+        )
     regions = args.regions or [None] * len(args.images)
     samples = []
     for image_path, labels_path, region_path in zip(args.images, args.labels, regions):
         image = read_tiff(image_path, name="--images")
         labels = np.asarray(read_tiff(labels_path, name="--labels").data)
-        region = None if region_path is None else np.asarray(read_tiff(region_path, name="--regions").data) != 0
+        region = (
+            None
+            if region_path is None
+            else np.asarray(read_tiff(region_path, name="--regions").data) != 0
+        )
         samples.append(Sample(np.asarray(image.data), labels, region, image.channel_axis))
     return samples
 
@@ -662,18 +893,19 @@ class _TrainBar:
 
 def _add_tune_parser(commands):
     tune = commands.add_parser(
-        "tune", help="choose a model's threshold and minimum object size on annotated images",
+        "tune",
+        help="choose a model's threshold and minimum object size on annotated images",
         description="Segment the annotated images, find the threshold and minimum object size "
-                    "with the best mean AP@0.5, and store them in the model file as its "
-                    "recommendation (used by segment and the Segment widget unless overridden). "
-                    "Use images the model was not trained on, or its training images; not the "
-                    "images you will report accuracy on.",
+        "with the best mean AP@0.5, and store them in the model file as its "
+        "recommendation (used by segment and the Segment widget unless overridden). "
+        "Use images the model was not trained on, or its training images; not the "
+        "images you will report accuracy on.",
     )
     tune.add_argument("model", type=Path, help="model file to update (in place, atomically)")
     tune.add_argument("--images", type=Path, nargs="+", required=True)
     tune.add_argument("--labels", type=Path, nargs="+", required=True)
     tune.add_argument("--device", default="auto")
-    tune.set_defaults(regions=None)   # read like training data, without regions
+    tune.set_defaults(regions=None)  # read like training data, without regions
     return tune
 
 
@@ -687,20 +919,24 @@ def _tune(args) -> int:
     model = load_model(args.model)
     probabilities, truths = [], []
     for sample, labels_path in zip(samples, args.labels):
-        output = engine_output(model.config.n_classes)
-        maps = predict_array(model, sample.image, channel_axis=sample.channel_axis,
-                             device=args.device, output=output)
+        output = engine_output(model.config)
+        maps = predict_array(
+            model, sample.image, channel_axis=sample.channel_axis, device=args.device, output=output
+        )
         shape = maps.shape if output == "foreground" else maps.shape[:-3] + maps.shape[-2:]
         if shape != sample.labels.shape:
-            raise UsageError(f"--labels: {labels_path} has shape {sample.labels.shape}, "
-                             f"expected {shape}")
+            raise UsageError(
+                f"--labels: {labels_path} has shape {sample.labels.shape}, expected {shape}"
+            )
         plane_shape = sample.labels.shape[-2:]
-        probabilities += list(maps.reshape((-1,) + maps.shape[-3 if output == "classes" else -2:]))
+        probabilities += list(maps.reshape((-1,) + maps.shape[-3 if output == "classes" else -2 :]))
         truths += list(sample.labels.reshape((-1,) + plane_shape))
-    chosen = choose_postprocess(probabilities, truths)
+    chosen = choose_postprocess(probabilities, truths, mode=model.config.output_mode)
     save_model(model, args.model, metadata={**model.metadata, "postprocess": chosen})
-    print(f"{args.model}: threshold {chosen['threshold']}, min size {chosen['min_size']} px "
-          f"(mean AP@0.5 {chosen['ap50']:.3f} on {chosen['planes']} planes)")
+    print(
+        f"{args.model}: threshold {chosen['threshold']}, min size {chosen['min_size']} px "
+        f"(mean AP@0.5 {chosen['ap50']:.3f} on {chosen['planes']} planes)"
+    )
     return 0
 
 
@@ -708,17 +944,27 @@ def _info(args) -> int:
     from .core.config import ConfigGeometry, UNetConfig
     from .core.modelfile import read_header, tensor_shapes
 
-    header = read_header(args.model)   # never imports torch: info answers at once
+    header = read_header(args.model)  # never imports torch: info answers at once
     config = UNetConfig.from_dict(header["config"])
     geometry = ConfigGeometry(config)
-    buffers = ("running_mean", "running_var", "num_batches_tracked")   # batch-norm state
-    parameters = sum(int(np.prod(shape)) for name, shape in tensor_shapes(args.model).items()
-                     if not name.endswith(buffers))
+    buffers = ("running_mean", "running_var", "num_batches_tracked")  # batch-norm state
+    parameters = sum(
+        int(np.prod(shape))
+        for name, shape in tensor_shapes(args.model).items()
+        if not name.endswith(buffers)
+    )
     print(f"model file:     {args.model} ({args.model.stat().st_size / 1e6:.1f} MB)")
-    print(f"architecture:   U-Net depth {config.depth}, {config.base_channels} base channels, "
-          f"{config.padding} padding, norm {config.norm}, {parameters:,} parameters")
-    print(f"channels:       {config.in_channels} in, {config.n_classes} classes out")
-    print(f"margin:         {geometry.margin} px (smallest input tile {geometry.legal_input_size(1)} px)")
+    print(
+        f"architecture:   U-Net depth {config.depth}, {config.base_channels} base channels, "
+        f"{config.padding} padding, norm {config.norm}, {parameters:,} parameters"
+    )
+    print(
+        f"channels:       {config.in_channels} in, {config.n_classes} out "
+        f"({config.output_mode} mode)"
+    )
+    print(
+        f"margin:         {geometry.margin} px (smallest input tile {geometry.legal_input_size(1)} px)"
+    )
     print(f"normalization:  {header['normalization']}")
     for key, value in header["metadata"].items():
         print(f"{key + ':':<15} {value}")

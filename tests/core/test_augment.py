@@ -12,10 +12,12 @@ def coordinates(n=3, size=64):
 
 def test_one_field_warps_image_labels_and_weights_together():
     image, labels, weights = coordinates()
-    settings = Augmentation(elastic_sigma=10.0, flips_rotations=True, scale=(1, 1), shift=(0, 0),
-                            gamma=(1, 1))
-    out_image, out_labels, out_weights = augment(image, labels, weights, settings,
-                                                 torch.Generator().manual_seed(0))
+    settings = Augmentation(
+        elastic_sigma=10.0, flips_rotations=True, scale=(1, 1), shift=(0, 0), gamma=(1, 1)
+    )
+    out_image, out_labels, out_weights = augment(
+        image, labels, weights, settings, torch.Generator().manual_seed(0)
+    )
     size = image.shape[-1]
     assert not torch.equal(out_labels, labels)  # something moved
     # Nearest sampling keeps ids: every output label is one of the input ids, and weights
@@ -36,8 +38,9 @@ def test_ignored_pixels_stay_exactly_ignored_and_classes_stay_classes():
     labels = (torch.rand(4, 48, 48) > 0.5).long()
     weights = torch.ones(4, 48, 48)
     weights[:, :, :20] = 0
-    _, out_labels, out_weights = augment(image, labels, weights, Augmentation(),
-                                         torch.Generator().manual_seed(1))
+    _, out_labels, out_weights = augment(
+        image, labels, weights, Augmentation(), torch.Generator().manual_seed(1)
+    )
     assert set(out_labels.unique().tolist()) <= {0, 1}
     assert set(out_weights.unique().tolist()) == {0.0, 1.0}
 

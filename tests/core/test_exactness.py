@@ -56,13 +56,23 @@ def test_two_channel_input_with_a_channel_axis_between_z_and_y(rng):
 def test_zarr_and_dask_inputs_stream_into_a_zarr_output(rng, tmp_path):
     model = make_model(depth=2, base_channels=2)
     stack = (rng.random((2, 90, 70)) * 4000).astype(np.uint16)
-    source = zarr.open(str(tmp_path / "in.zarr"), mode="w", shape=stack.shape, chunks=(1, 32, 32),
-                       dtype=stack.dtype)
+    source = zarr.open(
+        str(tmp_path / "in.zarr"),
+        mode="w",
+        shape=stack.shape,
+        chunks=(1, 32, 32),
+        dtype=stack.dtype,
+    )
     source[:] = stack
     expected = tiled(model, stack, tile=64)
     for image in (source, da.from_array(stack, chunks=(1, 40, 40))):
-        out = zarr.open(str(tmp_path / "out.zarr"), mode="w", shape=stack.shape, chunks=(1, 50, 50),
-                        dtype="float32")
+        out = zarr.open(
+            str(tmp_path / "out.zarr"),
+            mode="w",
+            shape=stack.shape,
+            chunks=(1, 50, 50),
+            dtype="float32",
+        )
         for _ in predict(model, image, out, tile=64, device="cpu"):
             pass
         assert np.abs(out[:] - expected).max() == 0

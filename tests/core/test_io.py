@@ -2,13 +2,26 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_tiled_unet.core.io import IncompleteWrite, read_tiff, write_tiff_stream, write_tiff_streams
+from napari_tiled_unet.core.io import (
+    IncompleteWrite,
+    read_tiff,
+    write_tiff_stream,
+    write_tiff_streams,
+)
 
 
 def test_contiguous_tiff_is_memory_mapped_and_compressed_one_read_lazily(tmp_path, rng):
     stack = rng.integers(0, 4000, (3, 40, 50), dtype=np.uint16)
-    tifffile.imwrite(tmp_path / "plain.tif", stack, metadata={"axes": "ZYX"}, photometric="minisblack")
-    tifffile.imwrite(tmp_path / "zlib.tif", stack, compression="zlib", metadata={"axes": "ZYX"}, photometric="minisblack")
+    tifffile.imwrite(
+        tmp_path / "plain.tif", stack, metadata={"axes": "ZYX"}, photometric="minisblack"
+    )
+    tifffile.imwrite(
+        tmp_path / "zlib.tif",
+        stack,
+        compression="zlib",
+        metadata={"axes": "ZYX"},
+        photometric="minisblack",
+    )
     plain, packed = read_tiff(tmp_path / "plain.tif"), read_tiff(tmp_path / "zlib.tif")
     assert isinstance(plain.data, np.memmap)
     assert not isinstance(packed.data, np.ndarray)
@@ -18,8 +31,12 @@ def test_contiguous_tiff_is_memory_mapped_and_compressed_one_read_lazily(tmp_pat
 
 
 def test_axes_from_imagej_and_rgb_metadata_put_y_x_last(tmp_path):
-    tifffile.imwrite(tmp_path / "ij.tif", np.zeros((2, 3, 2, 10, 12), np.uint16), imagej=True,
-                     metadata={"axes": "TZCYX"})
+    tifffile.imwrite(
+        tmp_path / "ij.tif",
+        np.zeros((2, 3, 2, 10, 12), np.uint16),
+        imagej=True,
+        metadata={"axes": "TZCYX"},
+    )
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((10, 12, 3), np.uint8), photometric="rgb")
     imagej, rgb = read_tiff(tmp_path / "ij.tif"), read_tiff(tmp_path / "rgb.tif")
     assert (imagej.axes, imagej.channel_axis, imagej.shape) == ("TZCYX", 2, (2, 3, 2, 10, 12))
@@ -32,8 +49,11 @@ def test_missing_foreign_and_truncated_files_give_clear_errors(tmp_path, rng):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ValueError, match="input: expected a TIFF file"):
         read_tiff(tmp_path / "notes.txt")
-    tifffile.imwrite(tmp_path / "full.tif", rng.integers(0, 9, (4, 64, 64), dtype=np.uint16),
-                     photometric="minisblack")
+    tifffile.imwrite(
+        tmp_path / "full.tif",
+        rng.integers(0, 9, (4, 64, 64), dtype=np.uint16),
+        photometric="minisblack",
+    )
     data = (tmp_path / "full.tif").read_bytes()
     (tmp_path / "cut.tif").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="input: TIFF file is truncated"):
@@ -57,8 +77,13 @@ def test_an_early_end_or_error_leaves_no_file_and_keeps_the_old_one(tmp_path):
         raise RuntimeError("disk on fire")
 
     with pytest.raises(RuntimeError, match="disk on fire"):
-        write_tiff_streams([(target, (3, 5, 6), np.uint16, "ZYX"),
-                            (tmp_path / "p.tif", (3, 5, 6), np.float32, "ZYX")], failing())
+        write_tiff_streams(
+            [
+                (target, (3, 5, 6), np.uint16, "ZYX"),
+                (tmp_path / "p.tif", (3, 5, 6), np.float32, "ZYX"),
+            ],
+            failing(),
+        )
     with pytest.raises(IncompleteWrite):
         write_tiff_stream(target, (3, 5, 6), np.uint16, "ZYX", [np.zeros((5, 6))])
     assert target.read_bytes() == b"previous result"
@@ -72,13 +97,18 @@ def test_a_failing_writer_ends_the_run_at_once_and_commits_nothing(tmp_path):
     labels, probabilities = tmp_path / "labels.tif", tmp_path / "prob.tif"
     labels.write_bytes(b"old labels")
     probabilities.write_bytes(b"old probabilities")
-    rows = ((np.zeros((4, 4)), np.zeros((5, 6))) for _ in range(3))   # labels planes mis-shaped
+    rows = ((np.zeros((4, 4)), np.zeros((5, 6))) for _ in range(3))  # labels planes mis-shaped
     outcome = []
 
     def run():
         try:
-            write_tiff_streams([(labels, (3, 5, 6), np.uint16, "ZYX"),
-                                (probabilities, (3, 5, 6), np.float32, "ZYX")], rows)
+            write_tiff_streams(
+                [
+                    (labels, (3, 5, 6), np.uint16, "ZYX"),
+                    (probabilities, (3, 5, 6), np.float32, "ZYX"),
+                ],
+                rows,
+            )
         except ValueError as error:
             outcome.append(str(error))
 
@@ -108,8 +138,13 @@ def test_outputs_commit_together_only_when_every_file_is_complete(tmp_path, monk
     labels.write_bytes(b"old labels")
     rows = [(np.ones((5, 6)), np.ones((5, 6)))] * 3
     with pytest.raises(OSError, match="No space left"):
-        write_tiff_streams([(labels, (3, 5, 6), np.uint16, "ZYX"),
-                            (tmp_path / "prob.tif", (3, 5, 6), np.float32, "ZYX")], rows)
+        write_tiff_streams(
+            [
+                (labels, (3, 5, 6), np.uint16, "ZYX"),
+                (tmp_path / "prob.tif", (3, 5, 6), np.float32, "ZYX"),
+            ],
+            rows,
+        )
     assert labels.read_bytes() == b"old labels"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.tif"]
 
@@ -118,8 +153,13 @@ def test_stream_writing_round_trips_several_files(tmp_path):
     import tifffile
 
     rows = [(np.full((5, 6), k, np.uint16), np.full((5, 6), k / 10, np.float32)) for k in range(4)]
-    written = write_tiff_streams([(tmp_path / "a.tif", (2, 2, 5, 6), np.uint16, "TZYX", True),
-                                  (tmp_path / "b.tif", (2, 2, 5, 6), np.float32, "TZYX")], rows)
+    written = write_tiff_streams(
+        [
+            (tmp_path / "a.tif", (2, 2, 5, 6), np.uint16, "TZYX", True),
+            (tmp_path / "b.tif", (2, 2, 5, 6), np.float32, "TZYX"),
+        ],
+        rows,
+    )
     assert written == [tmp_path / "a.tif", tmp_path / "b.tif"]
     a, b = tifffile.imread(written[0]), tifffile.imread(written[1])
     assert a.shape == (2, 2, 5, 6) and [int(p[0, 0]) for p in a.reshape(4, 5, 6)] == [0, 1, 2, 3]
@@ -150,8 +190,12 @@ def test_partials_of_dead_processes_are_cleaned_and_live_ones_kept(tmp_path):
 
     from napari_tiled_unet.core.io import remove_stale_partials
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     stale = tmp_path / f".labels.tif.{dead}.0123abcd.partial"
     live = tmp_path / f".labels.tif.{os.getpid()}.4567cdef.partial"
     other = tmp_path / f".other.tif.{dead}.89abcdef.partial"
@@ -180,7 +224,10 @@ def test_several_series_need_a_choice_and_the_choice_is_read(tmp_path):
     with tifffile.TiffWriter(path) as tif:
         tif.write(np.zeros((10, 12), np.uint8), metadata=None)
         tif.write(np.ones((20, 30), np.uint8), metadata=None)
-    with pytest.raises(ValueError, match=r"holds 2 image series \(0: \(10, 12\) YX, 1: \(20, 30\) YX\); choose one with --series N"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds 2 image series \(0: \(10, 12\) YX, 1: \(20, 30\) YX\); choose one with --series N",
+    ):
         read_tiff(path)
     second = read_tiff(path, series=1)
     assert second.shape == (20, 30) and int(np.asarray(second.data).min()) == 1

@@ -33,14 +33,18 @@ def test_ignored_pixels_contribute_nothing_to_loss_or_gradient():
 
 def test_loss_with_everything_ignored_is_zero():
     logits = torch.randn(1, 2, 4, 4)
-    assert weighted_cross_entropy(logits, torch.zeros(1, 4, 4, dtype=torch.long),
-                                  torch.zeros(1, 4, 4)).item() == 0
+    assert (
+        weighted_cross_entropy(
+            logits, torch.zeros(1, 4, 4, dtype=torch.long), torch.zeros(1, 4, 4)
+        ).item()
+        == 0
+    )
 
 
 def test_object_matching_counts_tp_fp_fn():
     truth = np.zeros((10, 20), np.uint16)
-    truth[1:5, 1:5] = 1     # matched (IoU 16/20)
-    truth[1:5, 10:14] = 2   # missed
+    truth[1:5, 1:5] = 1  # matched (IoU 16/20)
+    truth[1:5, 10:14] = 2  # missed
     predicted = np.zeros_like(truth)
     predicted[1:5, 1:6] = 7
     predicted[7:9, 15:19] = 3  # spurious
@@ -55,9 +59,9 @@ def test_touching_pairs_and_how_many_a_prediction_splits():
     from napari_tiled_unet.core.metrics import split_touching_pairs, touching_pairs
 
     truth = np.zeros((6, 12), np.int32)
-    truth[1:4, 1:4], truth[1:4, 4:7] = 1, 2   # side by side
-    truth[4, 7] = 3                           # diagonal neighbour of 2
-    truth[1:3, 9:11] = 4                      # alone
+    truth[1:4, 1:4], truth[1:4, 4:7] = 1, 2  # side by side
+    truth[4, 7] = 3  # diagonal neighbour of 2
+    truth[1:3, 9:11] = 4  # alone
     assert touching_pairs(truth) == {(1, 2), (2, 3)}
     merged = np.where(truth > 0, 1, 0)
     assert split_touching_pairs(merged, truth) == (0, 2)
@@ -74,8 +78,8 @@ def test_matching_many_objects_uses_sparse_overlaps():
 
     truth = np.zeros((1200, 1000), np.int32)
     ids = np.arange(1, 12001).reshape(120, 100)
-    truth[:] = np.kron(ids, np.ones((10, 10), np.int32))    # 12,000 squares of 100 px
-    predicted = np.roll(truth, 2, axis=1)                    # shifted: IoU 80/120 per pair
+    truth[:] = np.kron(ids, np.ones((10, 10), np.int32))  # 12,000 squares of 100 px
+    predicted = np.roll(truth, 2, axis=1)  # shifted: IoU 80/120 per pair
     predicted[:, :2] = 0
     tracemalloc.start()
     scores = match_objects(predicted, truth, 0.5)
@@ -83,4 +87,4 @@ def test_matching_many_objects_uses_sparse_overlaps():
     tracemalloc.stop()
     assert (scores.tp, scores.fp, scores.fn) == (12000, 0, 0)
     assert peak < 200e6
-    assert match_objects(predicted, truth, 0.7).tp == 120   # only the edge column: 80 / 100
+    assert match_objects(predicted, truth, 0.7).tp == 120  # only the edge column: 80 / 100

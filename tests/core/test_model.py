@@ -19,7 +19,9 @@ def test_paper_network_maps_572_to_388():
     model = UNet()
     assert model.output_size(572) == 388
     assert model.output_size(571) is None  # an odd size before a pooling
-    assert sum(p.numel() for p in model.parameters()) == 31_030_658  # counted by hand from the paper's layer list
+    assert (
+        sum(p.numel() for p in model.parameters()) == 31_030_658
+    )  # counted by hand from the paper's layer list
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
@@ -29,7 +31,9 @@ def test_legal_sizes_are_exactly_those_the_network_accepts(depth):
         expected = model.output_size(size)
         if expected is None:
             continue
-        assert model(torch.zeros(1, 1, size, 4 * model.size_step + model.margin)).shape[-2] == expected
+        assert (
+            model(torch.zeros(1, 1, size, 4 * model.size_step + model.margin)).shape[-2] == expected
+        )
     assert model.output_size(model.legal_input_size(1)) >= 1
     assert model.output_size(model.legal_input_size(1) - model.size_step) is None
 
@@ -40,8 +44,16 @@ def test_same_padding_keeps_any_size():
     assert model.margin == 0
 
 
-@pytest.mark.parametrize("field, value", [("depth", 0), ("base_channels", 1.5), ("padding", "full"),
-                                          ("norm", "layer"), ("n_classes", True)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("depth", 0),
+        ("base_channels", 1.5),
+        ("padding", "full"),
+        ("norm", "layer"),
+        ("n_classes", True),
+    ],
+)
 def test_bad_config_is_rejected_with_the_field_name(field, value):
     with pytest.raises(ValueError, match=field):
         UNetConfig(**{field: value})

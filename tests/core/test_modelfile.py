@@ -81,23 +81,32 @@ def _crafted(path, header, tensors=None):
 def _header(**changes):
     import json
 
-    header = {"format": "napari-tiled-unet/1",
-              "config": json.dumps({"depth": 4, "base_channels": 256}),
-              "normalization": json.dumps({"mode": "none"}), "metadata": "{}"}
+    header = {
+        "format": "napari-tiled-unet/1",
+        "config": json.dumps({"depth": 4, "base_channels": 256}),
+        "normalization": json.dumps({"mode": "none"}),
+        "metadata": "{}",
+    }
     header.update(changes)
     return {k: v for k, v in header.items() if v is not None}
 
 
-@pytest.mark.parametrize("changes, match", [
-    ({}, "do not match its config .* missing"),                       # a header claiming 2 GB
-    ({"config": None}, "has no 'config' entry"),
-    ({"config": "{not json"}, "'config' entry .* is not valid JSON"),
-    ({"config": "[" * 200000 + "]" * 200000}, "'config' entry .* is not valid JSON|must be an object"),
-    ({"config": '{"depth": "four"}'}, "describes no valid model .*depth"),
-    ({"config": '{"depth": 3, "colour": 1}'}, "describes no valid model .*unknown fields"),
-    ({"config": "[1, 2]"}, "'config' entry .* must be an object, got list"),
-    ({"normalization": '{"mode": "zscore"}'}, "describes no valid model .*normalization mode"),
-])
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({}, "do not match its config .* missing"),  # a header claiming 2 GB
+        ({"config": None}, "has no 'config' entry"),
+        ({"config": "{not json"}, "'config' entry .* is not valid JSON"),
+        (
+            {"config": "[" * 200000 + "]" * 200000},
+            "'config' entry .* is not valid JSON|must be an object",
+        ),
+        ({"config": '{"depth": "four"}'}, "describes no valid model .*depth"),
+        ({"config": '{"depth": 3, "colour": 1}'}, "describes no valid model .*unknown fields"),
+        ({"config": "[1, 2]"}, "'config' entry .* must be an object, got list"),
+        ({"normalization": '{"mode": "zscore"}'}, "describes no valid model .*normalization mode"),
+    ],
+)
 def test_malformed_or_lying_headers_get_one_clear_error(changes, match, tmp_path):
     path = _crafted(tmp_path / "bad.safetensors", _header(**changes))
     with pytest.raises(ValueError, match=match):
@@ -121,7 +130,7 @@ def test_a_new_model_predicts_the_same_before_and_after_a_round_trip(tmp_path, r
     from napari_tiled_unet.core.predict import predict_array
 
     model = make_model(depth=2, base_channels=4, seed=7)
-    image = (rng.random((60, 70)) * 1000).astype(np.float32)   # far from [0, 1]: scaling shows
+    image = (rng.random((60, 70)) * 1000).astype(np.float32)  # far from [0, 1]: scaling shows
     before = predict_array(model, image)
     loaded = load_model(save_model(model, tmp_path / "m.safetensors"))
     np.testing.assert_array_equal(predict_array(loaded, image), before)

@@ -10,8 +10,9 @@ def test_histogram_percentiles_equal_numpys(dtype, size, rng):
     info = np.iinfo(dtype)
     values = rng.integers(info.min, info.max, size, endpoint=True).astype(dtype)
     for percents in [(1.0, 99.8), (0.0, 100.0), (50.0, 50.5), (33.3, 66.6)]:
-        assert np.array_equal(_percentiles(values, percents),
-                              np.percentile(values.astype(np.float64), percents))
+        assert np.array_equal(
+            _percentiles(values, percents), np.percentile(values.astype(np.float64), percents)
+        )
 
 
 def test_plane_stats_of_integer_and_float_planes_agree(rng):

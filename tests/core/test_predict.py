@@ -17,8 +17,11 @@ def test_should_stop_ends_the_run_within_one_batch(rng):
         polls.append(1)
         return len(polls) > 2  # the engine has submitted two batches by the third poll
 
-    events = list(predict(model, image, out, tile=100, batch=3, device="cpu",
-                          should_stop=stop_after_first_batch))
+    events = list(
+        predict(
+            model, image, out, tile=100, batch=3, device="cpu", should_stop=stop_after_first_batch
+        )
+    )
     assert events[-1].stopped
     assert events[-1].done == 3 and events[-1].total == 4 * 4  # 2 x 2 tiles of 100 px per plane
     assert [e.stopped for e in events[:-1]] == [False]
@@ -28,8 +31,9 @@ def test_should_stop_ends_the_run_within_one_batch(rng):
 def test_progress_counts_every_tile_once(rng):
     model = make_model(depth=2)
     image = rng.random((2, 100, 130), dtype=np.float32)
-    events = list(predict(model, image, np.zeros(image.shape, np.float32), tile=100, batch=4,
-                          device="cpu"))
+    events = list(
+        predict(model, image, np.zeros(image.shape, np.float32), tile=100, batch=4, device="cpu")
+    )
     # 100-px input tiles predict 60 px: 2 rows x 3 columns per plane, 2 planes.
     assert [e.done for e in events] == [4, 8, 12]
     assert [e.planes_done for e in events] == [0, 1, 2]
@@ -53,24 +57,30 @@ def bad(image=None, **options):
     return lambda: predict(model, image, out, **options)
 
 
-@pytest.mark.parametrize("case, match", [
-    (bad(np.zeros(30, np.float32)), "image: expected at least 2 axes"),
-    (bad(np.zeros((0, 30), np.float32)), "image: expected a non-empty array"),
-    (bad(np.array([["a", "b"]])), "image: expected a real numeric dtype"),
-    (bad(np.zeros((5, 5), complex)), "image: expected a real numeric dtype"),
-    (bad(np.array([[1.0, np.nan], [0.0, 1.0]], np.float32)), "NaN or Inf"),
-    (bad(np.array([[1.0, np.inf], [0.0, 1.0]])), "NaN or Inf"),
-    (bad(np.array([[1.0, 1e39], [0.0, 1.0]])), "image: values beyond the float32 range"),
-    (bad(np.zeros((3, 30, 30), np.float32), channel_axis=0, in_channels=2), "expects 2 input channel"),
-    (bad(in_channels=2), "expects 2 input channel"),
-    (bad(np.zeros((3, 30, 30)), channel_axis=2), "channel_axis: the last two axes"),
-    (bad(device="tpu"), "device: expected 'auto', 'cpu', 'cuda'"),
-    (bad(tile=0), "tile: expected 'auto'"),
-    (bad(batch=0), "batch: expected .auto. or a positive integer"),
-    (bad(precision="fp8"), "precision: expected one of"),
-    (bad(out=np.zeros((31, 30), np.float32)), r"out: expected shape \(30, 30\)"),
-    (bad(out=np.zeros((30, 30), np.uint8)), "out: expected a float dtype"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        (bad(np.zeros(30, np.float32)), "image: expected at least 2 axes"),
+        (bad(np.zeros((0, 30), np.float32)), "image: expected a non-empty array"),
+        (bad(np.array([["a", "b"]])), "image: expected a real numeric dtype"),
+        (bad(np.zeros((5, 5), complex)), "image: expected a real numeric dtype"),
+        (bad(np.array([[1.0, np.nan], [0.0, 1.0]], np.float32)), "NaN or Inf"),
+        (bad(np.array([[1.0, np.inf], [0.0, 1.0]])), "NaN or Inf"),
+        (bad(np.array([[1.0, 1e39], [0.0, 1.0]])), "image: values beyond the float32 range"),
+        (
+            bad(np.zeros((3, 30, 30), np.float32), channel_axis=0, in_channels=2),
+            "expects 2 input channel",
+        ),
+        (bad(in_channels=2), "expects 2 input channel"),
+        (bad(np.zeros((3, 30, 30)), channel_axis=2), "channel_axis: the last two axes"),
+        (bad(device="tpu"), "device: expected 'auto', 'cpu', 'cuda'"),
+        (bad(tile=0), "tile: expected 'auto'"),
+        (bad(batch=0), "batch: expected .auto. or a positive integer"),
+        (bad(precision="fp8"), "precision: expected one of"),
+        (bad(out=np.zeros((31, 30), np.float32)), r"out: expected shape \(30, 30\)"),
+        (bad(out=np.zeros((30, 30), np.uint8)), "out: expected a float dtype"),
+    ],
+)
 def test_bad_input_is_rejected_when_predict_is_called(case, match):
     with pytest.raises(ValueError, match=match):
         case()  # raised by the call itself, before the generator does any work
@@ -105,7 +115,7 @@ def test_channel_padded_first_layer_gives_the_same_output(rng):
         expected = model(x)
         padded = _ChannelPadded(model)(x)
     assert padded.shape == expected.shape and torch.allclose(padded, expected, atol=1e-6)
-    assert model.down[0][0].in_channels == 3   # the caller's model is left as it was
+    assert model.down[0][0].in_channels == 3  # the caller's model is left as it was
 
 
 def test_a_failing_compiler_falls_back_to_the_plain_network(rng, monkeypatch):
@@ -117,6 +127,7 @@ def test_a_failing_compiler_falls_back_to_the_plain_network(rng, monkeypatch):
         def compiled(x):
             calls.append(x.shape)
             raise RuntimeError("inductor: no C++ compiler (simulated)")
+
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
@@ -124,7 +135,7 @@ def test_a_failing_compiler_falls_back_to_the_plain_network(rng, monkeypatch):
     image = rng.random((2, 80, 80), dtype=np.float32)
     expected = predict_array(model, image, tile=64, compile=False)
     assert np.array_equal(predict_array(model, image, tile=64, compile=True), expected)
-    assert len(calls) == 1        # tried once, then the plain network for every batch
+    assert len(calls) == 1  # tried once, then the plain network for every batch
     with pytest.raises(ValueError, match="compile: expected 'auto', True or False"):
         predict_array(model, image, compile="yes")
 
@@ -159,7 +170,10 @@ def test_a_tile_below_the_smallest_is_raised_with_a_warning(rng):
 
     model = make_model(depth=2)
     image = rng.random((50, 50), dtype=np.float32)
-    with pytest.warns(UserWarning, match=f"tile: 10 px is below this model's smallest tile \\({smallest_tile(model)} px\\)"):
+    with pytest.warns(
+        UserWarning,
+        match=f"tile: 10 px is below this model's smallest tile \\({smallest_tile(model)} px\\)",
+    ):
         result = predict_array(model, image, tile=10)
     assert np.abs(result - predict_array(model, image, tile=smallest_tile(model))).max() <= 1e-6
 
@@ -173,29 +187,37 @@ def test_lazy_float64_beyond_float32_is_an_error_not_nan_probabilities():
         predict_array(make_model(depth=2), da.from_array(image, chunks=(1, 40, 40)))
 
 
-@pytest.mark.parametrize(("region", "tile"), [
-    ((slice(0, 44), slice(0, 300)), 60),         # a band at the top border
-    ((slice(96, 200), slice(160, 310)), 64),     # inside, reaching the right border
-    ((slice(4, 8), slice(296, 310)), "auto"),    # a tiny block
-])
+@pytest.mark.parametrize(
+    ("region", "tile"),
+    [
+        ((slice(0, 44), slice(0, 300)), 60),  # a band at the top border
+        ((slice(96, 200), slice(160, 310)), 64),  # inside, reaching the right border
+        ((slice(4, 8), slice(296, 310)), "auto"),  # a tiny block
+    ],
+)
 def test_a_region_equals_the_same_block_of_a_whole_plane_pass(region, tile, rng):
     """Only the block and its context are read, mirrored at the image's own borders: the same
     numbers as the whole plane, cropped (a block's own mirroring would differ)."""
     model = make_model(depth=2, base_channels=4)
     image = rng.integers(0, 255, (2, 230, 310), np.uint8)
     whole = predict_array(model, image, normalization=Normalization())
-    out = np.zeros((2, region[0].stop - region[0].start, region[1].stop - region[1].start), np.float32)
+    out = np.zeros(
+        (2, region[0].stop - region[0].start, region[1].stop - region[1].start), np.float32
+    )
     for _ in predict(model, image, out, normalization=Normalization(), region=region, tile=tile):
         pass
     np.testing.assert_allclose(out, whole[(slice(None), *region)], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize(("region", "match"), [
-    ((slice(2, 50), slice(0, 50)), "starting at multiples of the model's pooling step 4"),
-    ((slice(0, 50, 2), slice(0, 50)), "without step"),
-    ((slice(40, 40), slice(0, 50)), "non-empty"),
-    ([slice(0, 8), slice(0, 8)], "a \\(Y, X\\) pair of slices"),
-])
+@pytest.mark.parametrize(
+    ("region", "match"),
+    [
+        ((slice(2, 50), slice(0, 50)), "starting at multiples of the model's pooling step 4"),
+        ((slice(0, 50, 2), slice(0, 50)), "without step"),
+        ((slice(40, 40), slice(0, 50)), "non-empty"),
+        ([slice(0, 8), slice(0, 8)], "a \\(Y, X\\) pair of slices"),
+    ],
+)
 def test_a_bad_region_is_refused_before_work(region, match):
     model = make_model()
     with pytest.raises(ValueError, match=f"region: .*{match}"):

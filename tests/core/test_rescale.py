@@ -42,7 +42,7 @@ def test_any_window_of_a_rescaled_image_equals_the_whole(factor, rng):
     assert np.array_equal(view[1, 5:17, 3:30], whole[1, 5:17, 3:30])
     assert np.array_equal(view[0, ::3, ::2], whole[0, ::3, ::2])
     assert view[1, 4, 7] == whole[1, 4, 7]
-    if factor == 2.0:   # linear, pixel centres aligned: scipy's zoom in grid mode
+    if factor == 2.0:  # linear, pixel centres aligned: scipy's zoom in grid mode
         reference = ndimage.zoom(image[0], 2.0, order=1, grid_mode=True, mode="nearest")
         assert np.abs(whole[0] - reference).max() < 1e-6
 
@@ -64,13 +64,13 @@ def test_labels_go_back_to_the_original_grid_with_ids_renumbered():
 def test_diameter_rescaling_keeps_shapes_and_finds_the_same_objects():
     model = threshold_model(diameter=20.0)
     small = discs(20, 300, 50)
-    large = ndimage.zoom(small, 3, order=0)               # the same discs, 60 px across
+    large = ndimage.zoom(small, 3, order=0)  # the same discs, 60 px across
     reference = [p for e in segment(model, small, device="cpu") for p in e.planes][0]
     events = list(segment(model, large, diameter=60.0, device="cpu"))
     plane = [p for e in events for p in e.planes][0]
     assert events[-1].factor == pytest.approx(1 / 3) and events[-1].diameter == 60.0
     assert plane.labels.shape == plane.probability.shape == large.shape
-    assert plane.count == reference.count == 36           # 6 x 6 discs
+    assert plane.count == reference.count == 36  # 6 x 6 discs
     assert sorted(np.unique(plane.labels)) == list(range(37))
 
 
@@ -84,7 +84,9 @@ def test_auto_recovers_a_known_object_size_within_15_percent(diameter):
 
 def test_diameter_needs_a_model_that_knows_its_size():
     model = threshold_model(diameter=None)
-    with pytest.raises(ValueError, match="diameter: this model records no training object diameter"):
+    with pytest.raises(
+        ValueError, match="diameter: this model records no training object diameter"
+    ):
         segment(model, np.zeros((64, 64), np.float32), diameter="auto", device="cpu")
     with pytest.raises(ValueError, match="diameter: expected a positive number"):
         segment(threshold_model(), np.zeros((64, 64), np.float32), diameter=-3, device="cpu")

@@ -38,8 +38,16 @@ def test_a_stop_ends_the_run_without_handing_out_unfinished_planes(rng):
     model = make_model(depth=2)
     stack = rng.random((6, 100, 100), dtype=np.float32)
     polls = []
-    events = list(segment(model, stack, tile=100, batch=2, device="cpu",
-                          should_stop=lambda: polls.append(1) or len(polls) > 3))
+    events = list(
+        segment(
+            model,
+            stack,
+            tile=100,
+            batch=2,
+            device="cpu",
+            should_stop=lambda: polls.append(1) or len(polls) > 3,
+        )
+    )
     assert events[-1].stopped
     handed = [p.index for e in events for p in e.planes]
     assert handed == list(range(len(handed))) and len(handed) < 6
@@ -56,13 +64,16 @@ def test_a_three_class_model_is_decoded_by_watershed_from_interiors(rng):
         assert np.allclose(plane.probability, 1 - classes[plane.index, 0], atol=1e-6)
 
 
-@pytest.mark.parametrize("options, match", [
-    ({"threshold": 1.5}, "threshold: expected a number in"),
-    ({"min_size": -2}, "min_size: expected a non-negative integer"),
-    ({"workers": 0}, "workers: expected a positive integer"),
-    ({"channel_axis": 5}, "channel_axis: expected an axis index"),
-    ({"tile": -1}, "tile: expected"),
-])
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"threshold": 1.5}, "threshold: expected a number in"),
+        ({"min_size": -2}, "min_size: expected a non-negative integer"),
+        ({"workers": 0}, "workers: expected a positive integer"),
+        ({"channel_axis": 5}, "channel_axis: expected an axis index"),
+        ({"tile": -1}, "tile: expected"),
+    ],
+)
 def test_bad_options_are_rejected_before_any_work(options, match):
     model = make_model(depth=2)
     with pytest.raises(ValueError, match=match):

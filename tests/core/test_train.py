@@ -20,8 +20,15 @@ SAME_SCALE = Augmentation(zoom=(1.0, 1.0))
 
 
 def quick(**changes):
-    settings = dict(iterations=600, batch=4, patch=92, lr=1e-3, sigma=3.0, validate_every=150,
-                    device="cpu")
+    settings = {
+        "iterations": 600,
+        "batch": 4,
+        "patch": 92,
+        "lr": 1e-3,
+        "sigma": 3.0,
+        "validate_every": 150,
+        "device": "cpu",
+    }
     settings.update(changes)
     return TrainConfig(**settings)
 
@@ -30,8 +37,14 @@ def test_tiny_net_learns_to_segment_and_separate_touching_blobs(tmp_path):
     samples = [Sample(*touching_blobs(seed)) for seed in range(8)]
     # Seeds 0-3 measured: held-out IoU 0.844 / 0.902 / 0.903 / 0.898, every touching pair split
     # (without scale augmentation: these blobs all have one size).
-    events = list(train(samples, tmp_path / "m.safetensors", config=quick(seed=1, augmentation=SAME_SCALE),
-                        model_config=TINY))
+    events = list(
+        train(
+            samples,
+            tmp_path / "m.safetensors",
+            config=quick(seed=1, augmentation=SAME_SCALE),
+            model_config=TINY,
+        )
+    )
     assert [e.iteration for e in events] == list(range(1, 601))
     assert [e.metrics["iteration"] for e in events if e.metrics] == [150, 300, 450, 600]
     assert events[-1].loss < events[0].loss / 2
@@ -81,16 +94,33 @@ def test_stopping_leaves_a_loadable_model_and_fine_tuning_continues_it(tmp_path)
         polls.append(1)
         return len(polls) > 3
 
-    events = list(train(samples, tmp_path / "a.safetensors", config=quick(), model_config=TINY,
-                        should_stop=stop_after_three))
+    events = list(
+        train(
+            samples,
+            tmp_path / "a.safetensors",
+            config=quick(),
+            model_config=TINY,
+            should_stop=stop_after_three,
+        )
+    )
     assert events[-1].stopped and events[-1].iteration == 3
     first = load_model(tmp_path / "a.safetensors")
     assert first.metadata["trained_iterations"] == 3
     own_scaling = Normalization("percentile", 2.0, 98.0)
-    save_model(first, tmp_path / "a.safetensors", normalization=own_scaling,
-               metadata={**first.metadata, "postprocess": {"threshold": 0.7, "min_size": 9}})
-    list(train(samples, tmp_path / "b.safetensors", config=quick(iterations=4, validate_every=2),
-               init=tmp_path / "a.safetensors"))
+    save_model(
+        first,
+        tmp_path / "a.safetensors",
+        normalization=own_scaling,
+        metadata={**first.metadata, "postprocess": {"threshold": 0.7, "min_size": 9}},
+    )
+    list(
+        train(
+            samples,
+            tmp_path / "b.safetensors",
+            config=quick(iterations=4, validate_every=2),
+            init=tmp_path / "a.safetensors",
+        )
+    )
     second = load_model(tmp_path / "b.safetensors")
     assert second.config == first.config and second.normalization == own_scaling
     assert second.metadata["trained_iterations"] == 3 + 4
@@ -101,19 +131,23 @@ def bad_training(tmp_path, sample=None, **changes):
     image, labels = touching_blobs(0, size=64, pairs=1, singles=1)
     sample = sample or Sample(image, labels)
     init = changes.pop("init", None)
-    return lambda: train([sample], tmp_path / "m.safetensors", config=quick(**changes),
-                         model_config=TINY, init=init)
+    return lambda: train(
+        [sample], tmp_path / "m.safetensors", config=quick(**changes), model_config=TINY, init=init
+    )
 
 
-@pytest.mark.parametrize("case, match", [
-    ("shape", "labels \\(sample 0\\): expected the image's shape"),
-    ("empty", "no annotated plane"),
-    ("float", "labels \\(sample 0\\): expected integer"),
-    ("negative", "labels \\(sample 0\\): expected non-negative"),
-    ("patch", "patch: expected an input size of at least 44 px"),
-    ("illegal patch", "patch: 90 px is not a legal input size for this model; try 92"),
-    ("init", "model: no such file"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("shape", "labels \\(sample 0\\): expected the image's shape"),
+        ("empty", "no annotated plane"),
+        ("float", "labels \\(sample 0\\): expected integer"),
+        ("negative", "labels \\(sample 0\\): expected non-negative"),
+        ("patch", "patch: expected an input size of at least 44 px"),
+        ("illegal patch", "patch: 90 px is not a legal input size for this model; try 92"),
+        ("init", "model: no such file"),
+    ],
+)
 def test_bad_training_input_is_rejected_before_work(case, match, tmp_path):
     image, labels = touching_blobs(0, size=64, pairs=1, singles=1)
     call = {
@@ -137,8 +171,15 @@ def test_resume_continues_a_stopped_run_from_its_checkpoint(tmp_path):
     output = tmp_path / "m.safetensors"
     polls = []
     config = quick(iterations=9, validate_every=4)
-    stopped = list(train(samples, output, config=config, model_config=TINY,
-                         should_stop=lambda: polls.append(1) or len(polls) > 5))
+    stopped = list(
+        train(
+            samples,
+            output,
+            config=config,
+            model_config=TINY,
+            should_stop=lambda: polls.append(1) or len(polls) > 5,
+        )
+    )
     assert stopped[-1].stopped and stopped[-1].iteration == 5
     assert checkpoint_path(output).is_file()
     resumed = list(train(samples, output, config=config, resume=True))
@@ -157,12 +198,15 @@ def test_validation_holds_out_whole_images_or_planes():
     samples = [Sample(stack, labels), Sample(stack[:2], labels[:2])]
 
     def split(**changes):
-        session = _Session.prepared(samples, Path("m.safetensors"), quick(**changes), TINY, None,
-                                    False, lambda: False)
+        session = _Session.prepared(
+            samples, Path("m.safetensors"), quick(**changes), TINY, None, False, lambda: False
+        )
         return ({p.source for p in session.train_planes}, {p.source for p in session.val_planes})
 
     train_set, val_set = split(val_fraction=0.4, val_split="image")
-    assert {s for s, _ in val_set} in ({0}, {1}) and not {s for s, _ in train_set} & {s for s, _ in val_set}
+    assert {s for s, _ in val_set} in ({0}, {1}) and not {s for s, _ in train_set} & {
+        s for s, _ in val_set
+    }
     train_set, val_set = split(val_fraction=0.5, val_split="plane")
     assert len(val_set) == 3 and len(train_set) == 3 and not train_set & val_set
 
@@ -172,8 +216,14 @@ def test_a_seed_repeats_a_run_exactly_and_validation_changes_nothing(tmp_path):
     runs = []
     for index, every in enumerate((5, 1000)):
         config = quick(iterations=12, batch=2, validate_every=every, seed=3)
-        runs.append([e.loss for e in train(samples, tmp_path / f"{index}.safetensors",
-                                           config=config, model_config=TINY)])
+        runs.append(
+            [
+                e.loss
+                for e in train(
+                    samples, tmp_path / f"{index}.safetensors", config=config, model_config=TINY
+                )
+            ]
+        )
     assert np.allclose(runs[0], runs[1], rtol=0, atol=1e-5)
 
 
@@ -193,12 +243,22 @@ def test_cosine_schedule_decays_to_zero_and_metadata_names_the_held_out_samples(
     _set_learning_rate(optimizer, quick(lr=0.1), 4)
     assert optimizer.param_groups[0]["lr"] == 0.1
     with pytest.raises(ValueError, match="lr_schedule: expected one of"):
-        train([Sample(*touching_blobs(0))], tmp_path / "x.safetensors", config=quick(lr_schedule="step"))
+        train(
+            [Sample(*touching_blobs(0))],
+            tmp_path / "x.safetensors",
+            config=quick(lr_schedule="step"),
+        )
 
     samples = [Sample(*touching_blobs(seed, size=64, pairs=1, singles=1)) for seed in range(5)]
     output = tmp_path / "m.safetensors"
-    list(train(samples, output, config=quick(iterations=2, val_fraction=0.4, lr_schedule="cosine"),
-               model_config=TINY))
+    list(
+        train(
+            samples,
+            output,
+            config=quick(iterations=2, val_fraction=0.4, lr_schedule="cosine"),
+            model_config=TINY,
+        )
+    )
     held = load_model(output).metadata["validation_samples"]
     assert len(held) == 2 and set(held) <= set(range(5))
 
@@ -208,8 +268,14 @@ def test_boundary_mode_learns_to_split_touching_blobs(tmp_path):
 
     samples = [Sample(*touching_blobs(seed)) for seed in range(8)]
     config = quick(seed=1, augmentation=SAME_SCALE)
-    events = list(train(samples, tmp_path / "b.safetensors", config=config,
-                        model_config=UNetConfig(depth=2, base_channels=8, n_classes=3)))
+    events = list(
+        train(
+            samples,
+            tmp_path / "b.safetensors",
+            config=config,
+            model_config=UNetConfig(depth=2, base_channels=8, n_classes=3),
+        )
+    )
     model = load_model(tmp_path / "b.safetensors")
     assert model.config.n_classes == 3 and events[-1].best["ap50"] > 0.5
     ious, separated, touching = [], 0, 0
@@ -223,35 +289,69 @@ def test_boundary_mode_learns_to_split_touching_blobs(tmp_path):
     assert touching >= 20 and separated / touching >= 0.8
 
 
+def test_distance_mode_learns_to_split_touching_blobs(tmp_path):
+    from napari_tiled_unet.core.postprocess import label_distance_plane
+
+    samples = [Sample(*touching_blobs(seed)) for seed in range(8)]
+    config = quick(seed=1, augmentation=SAME_SCALE)
+    events = list(
+        train(
+            samples,
+            tmp_path / "d.safetensors",
+            config=config,
+            model_config=UNetConfig(depth=2, base_channels=8, n_classes=3, mode="distance"),
+        )
+    )
+    model = load_model(tmp_path / "d.safetensors")
+    assert model.config.output_mode == "distance" and events[-1].best["ap50"] > 0.5
+    ious, separated, touching = [], 0, 0
+    for seed in range(100, 104):
+        image, truth = touching_blobs(seed)
+        maps = predict_array(model, image, output="classes")
+        assert maps.shape == (3, *image.shape) and maps[2].min() >= 0 and maps[2].max() <= 1
+        predicted = label_distance_plane(maps)
+        ious.append(pixel_iou(predicted, truth))
+        done, total = split_touching_pairs(predicted, truth)
+        separated, touching = separated + done, touching + total
+    assert np.mean(ious) >= 0.8
+    assert touching >= 20 and separated / touching >= 0.8
+
+
 def test_zoomed_patches_scale_objects_and_the_model_records_their_diameter(tmp_path):
     from dataclasses import replace
 
     from napari_tiled_unet.core.train import _patch, median_diameter
 
     labels = np.zeros((200, 200), np.int32)
-    labels[90:110, 90:110] = 1                      # a 20 x 20 square in the middle
+    labels[90:110, 90:110] = 1  # a 20 x 20 square in the middle
     image = (labels > 0).astype(np.float32)
     (plane,) = annotated_planes([Sample(image, labels)], quick(), make_model(depth=2))
     rng = np.random.default_rng(0)
     for zoom, area in ((2.0, 1600), (0.5, 100)):
-        config = quick(patch=92, foreground_bias=1e9,
-                       augmentation=replace(Augmentation(), zoom=(zoom, zoom)))
+        config = quick(
+            patch=92, foreground_bias=1e9, augmentation=replace(Augmentation(), zoom=(zoom, zoom))
+        )
         patch, ids, weights = _patch(plane, config, rng)
         assert patch.shape == (1, 92, 92) and ids.shape == weights.shape == (92, 92)
         assert abs(int((ids == 1).sum()) - area) <= 0.15 * area
-        assert set(np.unique(ids)) <= {0, 1}         # ids stay ids
+        assert set(np.unique(ids)) <= {0, 1}  # ids stay ids
     assert median_diameter([labels]) == pytest.approx(np.sqrt(4 * 400 / np.pi))
     output = tmp_path / "m.safetensors"
-    list(train([Sample(image, labels)], output, config=quick(iterations=2, patch=92),
-               model_config=TINY))
+    list(
+        train(
+            [Sample(image, labels)], output, config=quick(iterations=2, patch=92), model_config=TINY
+        )
+    )
     assert load_model(output).metadata["diameter"] == pytest.approx(22.57, abs=0.01)
 
 
 def test_sparse_ids_near_two_to_the_32_train_like_small_ones():
     image, labels = touching_blobs(3, size=64, pairs=2, singles=1)
-    sparse = np.where(labels > 0, labels.astype(np.uint32) + np.uint32(3_000_000_000), 0).astype(np.uint32)
-    small, = annotated_planes([Sample(image, labels)], quick(), make_model(depth=2))
-    large, = annotated_planes([Sample(image, sparse)], quick(), make_model(depth=2))
+    sparse = np.where(labels > 0, labels.astype(np.uint32) + np.uint32(3_000_000_000), 0).astype(
+        np.uint32
+    )
+    (small,) = annotated_planes([Sample(image, labels)], quick(), make_model(depth=2))
+    (large,) = annotated_planes([Sample(image, sparse)], quick(), make_model(depth=2))
     assert np.array_equal(small.ids, large.ids) and np.array_equal(small.weights, large.weights)
 
 
@@ -261,25 +361,43 @@ def test_one_annotated_plane_is_split_along_y_to_hold_out_objects():
     from napari_tiled_unet.core.train import _Session
 
     image, labels = touching_blobs(0, size=128)
-    session = _Session.prepared([Sample(image, labels)], Path("m.safetensors"),
-                                quick(val_fraction=0.25), TINY, None, False, lambda: False)
+    session = _Session.prepared(
+        [Sample(image, labels)],
+        Path("m.safetensors"),
+        quick(val_fraction=0.25),
+        TINY,
+        None,
+        False,
+        lambda: False,
+    )
     (top,), (bottom,) = session.train_planes, session.val_planes
     assert top.ids.shape[0] + bottom.ids.shape[0] == 128 and top.ids.shape[1] == 128
-    np.testing.assert_array_equal(np.concatenate([top.image, bottom.image], axis=1),
-                                  annotated_planes([Sample(image, labels)], quick(), make_model(2, 8))[0].image)
+    np.testing.assert_array_equal(
+        np.concatenate([top.image, bottom.image], axis=1),
+        annotated_planes([Sample(image, labels)], quick(), make_model(2, 8))[0].image,
+    )
     assert 0.1 < (bottom.truth > 0).sum() / (labels > 0).sum() < 0.4
-    for part in (top, bottom):   # foreground coordinates follow their part
+    for part in (top, bottom):  # foreground coordinates follow their part
         assert part.foreground[:, 0].max() < part.ids.shape[0]
         assert (part.ids[tuple(part.foreground.T)] > 0).all()
     data = session.data
     assert data.held_out and data.train_planes == data.val_planes == 1
     assert data.train_objects == len(np.unique(top.truth[top.truth > 0]))
-    assert data.describe().startswith(f"training on {data.train_objects} objects in 1 plane(s), "
-                                      f"validating on {data.val_objects} other objects")
+    assert data.describe().startswith(
+        f"training on {data.train_objects} objects in 1 plane(s), "
+        f"validating on {data.val_objects} other objects"
+    )
 
     small, small_labels = touching_blobs(0, size=48, pairs=1, singles=0)
-    session = _Session.prepared([Sample(small, small_labels)], Path("m.safetensors"), quick(patch=44),
-                                TINY, None, False, lambda: False)
+    session = _Session.prepared(
+        [Sample(small, small_labels)],
+        Path("m.safetensors"),
+        quick(patch=44),
+        TINY,
+        None,
+        False,
+        lambda: False,
+    )
     assert session.val_planes is session.train_planes and not session.data.held_out
     assert "validating on the same objects" in session.data.describe()
 
@@ -289,18 +407,37 @@ def test_fine_tuning_scores_its_starting_model_first(tmp_path):
 
     samples = [Sample(*touching_blobs(seed)) for seed in range(2)]
     save_model(make_model(depth=2, base_channels=8), tmp_path / "start.safetensors")
-    events = list(train(samples, tmp_path / "b.safetensors", init=tmp_path / "start.safetensors",
-                        config=quick(iterations=2, validate_every=2)))
+    events = list(
+        train(
+            samples,
+            tmp_path / "b.safetensors",
+            init=tmp_path / "start.safetensors",
+            config=quick(iterations=2, validate_every=2),
+        )
+    )
     baseline = events[0].baseline
     assert baseline["iteration"] == 0 and set(baseline) >= {"ap50", "iou", "f1"}
     assert all(e.baseline == baseline for e in events)
-    scratch = list(train(samples, tmp_path / "c.safetensors", model_config=TINY,
-                         config=quick(iterations=2, validate_every=2)))
+    scratch = list(
+        train(
+            samples,
+            tmp_path / "c.safetensors",
+            model_config=TINY,
+            config=quick(iterations=2, validate_every=2),
+        )
+    )
     assert scratch[-1].baseline is None and not scratch[-1].worse_than_baseline
 
     def event(best, start):
-        return TrainEvent(5, 5, 0.1, None, {"ap50": best, "iou": 0.5}, 1.0,
-                          baseline={"ap50": start, "iou": 0.5, "iteration": 0})
+        return TrainEvent(
+            5,
+            5,
+            0.1,
+            None,
+            {"ap50": best, "iou": 0.5},
+            1.0,
+            baseline={"ap50": start, "iou": 0.5, "iteration": 0},
+        )
 
     assert event(0.40, 0.50).worse_than_baseline and not event(0.50, 0.50).worse_than_baseline
 
@@ -311,7 +448,10 @@ def test_the_fiji_variant_brings_its_own_w0_and_sigma_from_python_too():
     assert (TrainConfig().w0, TrainConfig().sigma) == VARIANT_DEFAULTS["paper"] == (10.0, 5.0)
     fiji = TrainConfig(weights="fiji")
     assert (fiji.w0, fiji.sigma) == VARIANT_DEFAULTS["fiji"] == (50.0, 6.0)
-    assert (TrainConfig(weights="fiji", w0=7.0).w0, TrainConfig(weights="fiji", w0=7.0).sigma) == (7.0, 6.0)
+    assert (TrainConfig(weights="fiji", w0=7.0).w0, TrainConfig(weights="fiji", w0=7.0).sigma) == (
+        7.0,
+        6.0,
+    )
 
 
 def test_resume_keeps_the_normalisation_of_the_stopped_run(tmp_path):
@@ -324,8 +464,17 @@ def test_resume_keeps_the_normalisation_of_the_stopped_run(tmp_path):
     samples = [Sample(*touching_blobs(seed)) for seed in range(2)]
     output = tmp_path / "m.safetensors"
     polls = []
-    first = replace(quick(iterations=9, validate_every=4), normalization=Normalization("percentile", 2.0, 98.0))
-    list(train(samples, output, config=first, model_config=TINY,
-               should_stop=lambda: polls.append(1) or len(polls) > 5))
+    first = replace(
+        quick(iterations=9, validate_every=4), normalization=Normalization("percentile", 2.0, 98.0)
+    )
+    list(
+        train(
+            samples,
+            output,
+            config=first,
+            model_config=TINY,
+            should_stop=lambda: polls.append(1) or len(polls) > 5,
+        )
+    )
     list(train(samples, output, config=quick(iterations=9, validate_every=4), resume=True))
     assert load_model(output).normalization == Normalization("percentile", 2.0, 98.0)

@@ -20,8 +20,9 @@ def touching_discs(rng, shape=(96, 96), count=18, radius=(5, 10)):
 
 def brute_force_term(labels, w0, sigma, sampling=(1.0, 1.0)):
     ids = [i for i in np.unique(labels) if i]
-    distances = np.stack([ndimage.distance_transform_edt(labels != i, sampling=sampling)
-                          for i in ids])
+    distances = np.stack(
+        [ndimage.distance_transform_edt(labels != i, sampling=sampling) for i in ids]
+    )
     distances.sort(axis=0)
     d1, d2 = distances[0], distances[1] if len(ids) > 1 else np.full(labels.shape, np.inf)
     return w0 * np.exp(-((d1 + d2) ** 2) / (2 * sigma**2)), d1
@@ -37,9 +38,15 @@ def test_gaps_keep_every_object_and_leave_no_touching_pair(seed):
     assert ((separated == labels) | (separated == 0)).all()  # only pixels removed
 
 
-@pytest.mark.parametrize("seed, w0, sigma, pixel_size", [
-    (0, 10.0, 5.0, None), (1, 10.0, 5.0, None), (2, 50.0, 6.0, None), (3, 10.0, 0.8, 0.2),
-])
+@pytest.mark.parametrize(
+    "seed, w0, sigma, pixel_size",
+    [
+        (0, 10.0, 5.0, None),
+        (1, 10.0, 5.0, None),
+        (2, 50.0, 6.0, None),
+        (3, 10.0, 0.8, 0.2),
+    ],
+)
 def test_weight_map_equals_brute_force_where_the_term_matters(seed, w0, sigma, pixel_size):
     labels = separate_touching(touching_discs(np.random.default_rng(seed)))
     sampling = (1.0, 1.0) if pixel_size is None else (pixel_size, pixel_size)
@@ -74,15 +81,18 @@ def test_stacks_are_weighted_plane_by_plane():
         assert np.array_equal(result, border_weight_map(plane))
 
 
-@pytest.mark.parametrize("labels, options, match", [
-    (np.zeros((4, 4), np.float32), {}, "labels: expected integer"),
-    (-np.ones((4, 4), np.int32), {}, "labels: expected non-negative"),
-    (np.zeros(4, np.int32), {}, "labels: expected at least 2 axes"),
-    (np.zeros((4, 4), np.int32), {"sigma": 0}, "sigma"),
-    (np.zeros((4, 4), np.int32), {"w0": -1}, "w0"),
-    (np.zeros((4, 4), np.int32), {"variant": "unet"}, "variant"),
-    (np.zeros((4, 4), np.int32), {"pixel_size": -1.0}, "pixel_size"),
-])
+@pytest.mark.parametrize(
+    "labels, options, match",
+    [
+        (np.zeros((4, 4), np.float32), {}, "labels: expected integer"),
+        (-np.ones((4, 4), np.int32), {}, "labels: expected non-negative"),
+        (np.zeros(4, np.int32), {}, "labels: expected at least 2 axes"),
+        (np.zeros((4, 4), np.int32), {"sigma": 0}, "sigma"),
+        (np.zeros((4, 4), np.int32), {"w0": -1}, "w0"),
+        (np.zeros((4, 4), np.int32), {"variant": "unet"}, "variant"),
+        (np.zeros((4, 4), np.int32), {"pixel_size": -1.0}, "pixel_size"),
+    ],
+)
 def test_bad_options_are_rejected(labels, options, match):
     with pytest.raises(ValueError, match=match):
         border_weight_map(labels, **options)

@@ -79,8 +79,9 @@ def test_segment_stack_and_a_second_run_replaces_the_result(viewer, qtbot, model
     widget._threshold.value = 0.9
     run_and_wait(qtbot, widget)
     assert len(viewer.layers) == 2 and viewer.layers["stack labels"] is labels
-    np.testing.assert_array_equal(labels.data, instance_labels(
-        predict_array(load_model(model_file), stack), 0.9, 0))
+    np.testing.assert_array_equal(
+        labels.data, instance_labels(predict_array(load_model(model_file), stack), 0.9, 0)
+    )
 
 
 def test_keep_earlier_results_adds_a_new_layer(viewer, qtbot, model_file, rng):
@@ -115,11 +116,15 @@ def test_lazy_stack_result_is_a_zarr_store_on_disk(viewer, qtbot, model_file, rn
     assert type(labels).__module__.startswith("zarr")
     np.testing.assert_array_equal(labels[:], expected_labels(model_file, stack))
     probability = viewer.layers["lazy probability"].data
-    np.testing.assert_allclose(probability[:], predict_array(load_model(model_file), stack), atol=1e-5)
+    np.testing.assert_allclose(
+        probability[:], predict_array(load_model(model_file), stack), atol=1e-5
+    )
 
 
 def test_multichannel_image_with_a_two_channel_model(viewer, qtbot, tmp_path, rng):
-    path = save_model(make_model(depth=2, base_channels=4, in_channels=2), tmp_path / "two.safetensors")
+    path = save_model(
+        make_model(depth=2, base_channels=4, in_channels=2), tmp_path / "two.safetensors"
+    )
     image = rng.random((2, 36, 44)).astype(np.float32)
     viewer.add_image(image, name="two", channel_axis=None, scale=(9.0, 0.5, 0.5))
     widget = segment_widget(viewer, path)
@@ -171,11 +176,14 @@ def test_removing_the_image_during_a_run_stops_it(viewer, qtbot, model_file, rng
     """The warning comes after the removal event, from the stopped run (a notification inside
     napari's removal event crashed napari)."""
     shown = []
-    monkeypatch.setattr(segment_module, "show_warning", lambda message: shown.append(
-        (message, "gone" in viewer.layers)))
+    monkeypatch.setattr(
+        segment_module,
+        "show_warning",
+        lambda message: shown.append((message, "gone" in viewer.layers)),
+    )
     widget = start_a_long_run(viewer, qtbot, model_file, rng, "gone")
     viewer.layers.remove("gone")
-    assert shown == []   # nothing from inside the event
+    assert shown == []  # nothing from inside the event
     qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
     assert len(viewer.layers) == 0
     assert shown == [("image: layer 'gone' was removed; segmentation stopped", False)]
@@ -202,7 +210,9 @@ def test_a_wrong_model_file_is_a_notification_not_a_crash(viewer, qtbot, errors,
     viewer.add_image(rng.random((20, 20)).astype(np.float32), name="img")
     widget = segment_widget(viewer, not_a_model)
     widget.start()
-    assert len(errors) == 1 and errors[0].startswith("model: expected a napari-tiled-unet model file")
+    assert len(errors) == 1 and errors[0].startswith(
+        "model: expected a napari-tiled-unet model file"
+    )
     assert len(viewer.layers) == 1
 
 
@@ -224,7 +234,7 @@ def test_train_plots_writes_a_model_and_offers_it_to_segment(viewer, qtbot, tmp_
     widget.start()
     qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
     assert widget.last_event.iteration == 6 and not widget.last_event.stopped
-    assert widget.plot.losses and len(widget.plot.validations) == 6   # validate_every = 1 here
+    assert widget.plot.losses and len(widget.plot.validations) == 6  # validate_every = 1 here
     assert widget.plot.updates >= 7
     model = load_model(tmp_path / "trained.safetensors")
     assert model.metadata["trained_iterations"] >= 1
@@ -250,8 +260,9 @@ def test_train_refuses_labels_of_another_shape(viewer, qtbot, tmp_path, errors):
     viewer.add_labels(np.zeros((50, 50), np.uint16), name="wrong")
     widget._labels_layer.value = viewer.layers["wrong"]
     widget.start()
-    assert errors == ["labels: layer 'wrong' has shape (50, 50), expected the shape of image "
-                      "'blobs' (96, 96)"]
+    assert errors == [
+        "labels: layer 'wrong' has shape (50, 50), expected the shape of image 'blobs' (96, 96)"
+    ]
     assert not widget.running and not (tmp_path / "trained.safetensors").exists()
 
 
@@ -272,8 +283,9 @@ def test_sample_data_opens_image_and_annotation(viewer):
 
 
 def test_manifest_validates():
-    result = subprocess.run([sys.executable, "-m", "npe2", "validate", PLUGIN],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "npe2", "validate", PLUGIN], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "valid" in result.stdout
 
@@ -283,13 +295,15 @@ def test_loading_the_widget_modules_does_not_import_torch():
         "import sys, napari_tiled_unet._napari.segment_widget, napari_tiled_unet._napari.train_widget,"
         " napari_tiled_unet._napari.sample_data; print('torch' in sys.modules)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "False"
 
 
 def test_train_widget_docked_before_any_labels_layer_shows_its_field_labels(viewer):
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Train (U-Net)")
-    assert widget.labels is True      # magicgui's own flag, no longer shadowed by a layer field
+    assert widget.labels is True  # magicgui's own flag, no longer shadowed by a layer field
     assert widget._labels_layer.label == "labels"
 
 
@@ -313,22 +327,28 @@ def test_docking_the_widgets_and_opening_a_sample_leaves_torch_unimported():
         "print(sorted(m for m in ('torch', 'safetensors.torch') if m in sys.modules))\n"
         "viewer.close()\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_the_tile_tooltip_names_the_models_smallest_tile(viewer, model_file):
     widget = segment_widget(viewer, model_file)
-    assert "at least 44 px" in widget._tile.tooltip    # depth 2: 4 px of output + 40 of margin
+    assert "at least 44 px" in widget._tile.tooltip  # depth 2: 4 px of output + 40 of margin
 
 
-def test_object_diameter_defaults_to_auto_for_models_that_know_their_size(viewer, tmp_path, qtbot,
-                                                                            monkeypatch, errors):
+def test_object_diameter_defaults_to_auto_for_models_that_know_their_size(
+    viewer, tmp_path, qtbot, monkeypatch, errors
+):
     shown = []
     monkeypatch.setattr(segment_module, "show_info", shown.append)
-    sized = save_model(make_model(depth=2, base_channels=4, seed=3), tmp_path / "sized.safetensors",
-                       metadata={"diameter": 14.0})
+    sized = save_model(
+        make_model(depth=2, base_channels=4, seed=3),
+        tmp_path / "sized.safetensors",
+        metadata={"diameter": 14.0},
+    )
     plain = save_model(make_model(depth=2, base_channels=4, seed=3), tmp_path / "plain.safetensors")
     viewer.add_image(touching_blobs(0, size=96)[0], name="blobs")
     widget = segment_widget(viewer, plain)
@@ -357,8 +377,15 @@ def test_a_cluster_store_opens_as_probabilities_and_labels_layers(viewer, tmp_pa
     path = save_model(model, tmp_path / "m.safetensors")
     image, _ = touching_blobs(0, size=96)
     tifffile.imwrite(tmp_path / "in.tif", image)
-    job = distributed.plan_job(path, tmp_path / "in.tif", tmp_path / "out.zarr", model=load_model(path),
-                               block=48, threshold=0.4, probabilities=True)
+    job = distributed.plan_job(
+        path,
+        tmp_path / "in.tif",
+        tmp_path / "out.zarr",
+        model=load_model(path),
+        block=48,
+        threshold=0.4,
+        probabilities=True,
+    )
     events = list(distributed.segment_on_cluster(job, distributed.InProcess()))
     layers = viewer.open(str(tmp_path / "out.zarr"), plugin=PLUGIN)
     assert [type(layer).__name__ for layer in layers] == ["Image", "Labels"]
@@ -378,19 +405,32 @@ def test_a_model_worse_than_its_start_is_saved_but_not_selected(viewer, tmp_path
     widget = train_widget(viewer, tmp_path, iterations=5)
     before = list(SESSION_MODELS.paths)
     (tmp_path / "trained.safetensors").write_bytes(b"model")
-    widget._job = train_module.TrainJob(samples=[], output=tmp_path / "trained.safetensors",
-                                        config=None, init=None, in_channels=1)
+    widget._job = train_module.TrainJob(
+        samples=[], output=tmp_path / "trained.safetensors", config=None, init=None, in_channels=1
+    )
     data = DataSummary(1, 3, 1, 3, held_out=False)
     widget._bar = train_module.LazyProgress("Training")
     widget._on_event(TrainEvent(1, 5, 0.5, None, None, 1.0, data=data))
-    assert shown == ["Training: training on 3 objects in 1 plane(s), validating on the same objects "
-                     "(nothing could be held out). The validation score will say little about new "
-                     "images: annotate more objects, or add another image."]
-    worse = TrainEvent(5, 5, 0.1, None, {"ap50": 0.41, "iou": 0.6}, 2.0, data=data,
-                       baseline={"ap50": 0.62, "iou": 0.7, "iteration": 0})
+    assert shown == [
+        "Training: training on 3 objects in 1 plane(s), validating on the same objects "
+        "(nothing could be held out). The validation score will say little about new "
+        "images: annotate more objects, or add another image."
+    ]
+    worse = TrainEvent(
+        5,
+        5,
+        0.1,
+        None,
+        {"ap50": 0.41, "iou": 0.6},
+        2.0,
+        data=data,
+        baseline={"ap50": 0.62, "iou": 0.7, "iteration": 0},
+    )
     widget._on_returned(worse)
     assert SESSION_MODELS.paths == before
-    assert "scores validation AP@0.5 0.410, below the 0.620 of the model it started from" in shown[-1]
+    assert (
+        "scores validation AP@0.5 0.410, below the 0.620 of the model it started from" in shown[-1]
+    )
     widget._on_returned(TrainEvent(5, 5, 0.1, None, {"ap50": 0.0, "iou": 0.1}, 2.0, data=data))
     assert SESSION_MODELS.paths[0] == (tmp_path / "trained.safetensors").resolve()
     assert "It finds no validation object yet" in shown[-1]
@@ -428,8 +468,12 @@ def test_train_works_in_a_fresh_process_whose_viewer_came_first(tmp_path):
     (Mesa + the CUDA build's triton). Here nothing loads torch before the viewer exists."""
     script = tmp_path / "train.py"
     script.write_text(TRAIN_IN_A_FRESH_PROCESS)
-    result = subprocess.run([sys.executable, str(script), str(tmp_path / "m.safetensors")],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "m.safetensors")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1].startswith("iterations 3 ")
     assert load_model(tmp_path / "m.safetensors").metadata["trained_iterations"] >= 1
@@ -494,7 +538,9 @@ def test_link_z_on_a_single_plane_is_refused_before_work(viewer, model_file, err
     widget._link_z.value = 0.5
     widget.start()
     assert not widget.running
-    assert errors == ["link Z: expected a stack (a Z axis before Y, X); set it to 0 for a single plane"]
+    assert errors == [
+        "link Z: expected a stack (a Z axis before Y, X); set it to 0 for a single plane"
+    ]
 
 
 def folder_of_samples(tmp_path):
@@ -516,8 +562,9 @@ def folder_widget(viewer, tmp_path, model):
     return widget
 
 
-def test_a_folder_is_segmented_into_a_folder_with_the_model_loaded_once(viewer, qtbot, tmp_path,
-                                                                         monkeypatch, errors):
+def test_a_folder_is_segmented_into_a_folder_with_the_model_loaded_once(
+    viewer, qtbot, tmp_path, monkeypatch, errors
+):
     import tifffile
 
     from napari_tiled_unet.core import modelfile
@@ -548,8 +595,9 @@ def test_a_folder_is_segmented_into_a_folder_with_the_model_loaded_once(viewer, 
     assert shown[-1] == f"in: 2 files segmented, {objects} objects; labels in {tmp_path / 'out'}"
 
 
-def test_a_folder_run_refuses_to_replace_labels_files_and_cancels_cleanly(viewer, qtbot, tmp_path,
-                                                                          errors, monkeypatch):
+def test_a_folder_run_refuses_to_replace_labels_files_and_cancels_cleanly(
+    viewer, qtbot, tmp_path, errors, monkeypatch
+):
     shown = []
     monkeypatch.setattr(segment_module, "show_info", shown.append)
     from napari_tiled_unet.models import DEFAULT_MODEL
@@ -572,7 +620,7 @@ def test_a_folder_run_refuses_to_replace_labels_files_and_cancels_cleanly(viewer
 def test_load_from_file_with_no_file_picked_says_so(viewer, errors):
     viewer.add_image(np.zeros((40, 40), np.float32), name="img")
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment (U-Net)")
-    widget._model.value = segment_module.FROM_FILE   # and no file picked
+    widget._model.value = segment_module.FROM_FILE  # and no file picked
     widget.start()
     assert errors == ["model file: none picked; choose a .safetensors model file"]
 
@@ -586,18 +634,21 @@ def test_threshold_device_and_loss_weights_explain_themselves(viewer):
     assert "paper: 10" in train._w0.tooltip and "(px)" in train._sigma.tooltip
 
 
-def test_a_new_threshold_relabels_from_the_kept_maps_without_the_network(viewer, qtbot, model_file,
-                                                                         monkeypatch, errors):
+def test_a_new_threshold_relabels_from_the_kept_maps_without_the_network(
+    viewer, qtbot, model_file, monkeypatch, errors
+):
     from napari_tiled_unet.core import predict as predict_module
 
     image = touching_blobs(2, size=96)[0]
     probability = predict_array(load_model(model_file), image)
-    threshold = float(np.quantile(probability, 0.8))   # a threshold that surely changes the labels
+    threshold = float(np.quantile(probability, 0.8))  # a threshold that surely changes the labels
     expected = instance_labels(probability, round(threshold, 2), 0)
     assert not np.array_equal(expected, instance_labels(probability, 0.5, 0))
     runs = []
     real_predict = predict_module.predict
-    monkeypatch.setattr(predict_module, "predict", lambda *a, **k: runs.append(1) or real_predict(*a, **k))
+    monkeypatch.setattr(
+        predict_module, "predict", lambda *a, **k: runs.append(1) or real_predict(*a, **k)
+    )
     viewer.add_image(image, name="blobs")
     widget = segment_widget(viewer, model_file)
     widget._min_size.value = 0
@@ -609,3 +660,20 @@ def test_a_new_threshold_relabels_from_the_kept_maps_without_the_network(viewer,
     assert runs == [1] and not errors
     np.testing.assert_array_equal(layer.data, expected)
     assert viewer.layers["blobs labels"] is layer and len(viewer.layers) == 2
+
+
+def test_an_rgb_layer_follows_the_command_lines_colour_rule(
+    viewer, qtbot, model_file, rng, monkeypatch, errors
+):
+    shown = []
+    monkeypatch.setattr(segment_module, "show_info", shown.append)
+    rgb = rng.integers(0, 255, (60, 70, 3), dtype=np.uint8)
+    viewer.add_image(rgb, name="colour", rgb=True)
+    widget = segment_widget(viewer, model_file)
+    run_and_wait(qtbot, widget)
+    assert not errors
+    assert shown[0].startswith("image: the colours on axis 2 (RGB) were averaged to grey")
+    grey = rgb.mean(axis=-1, dtype=np.float32)
+    np.testing.assert_array_equal(
+        viewer.layers["colour labels"].data, expected_labels(model_file, grey)
+    )

@@ -69,19 +69,25 @@ def model_input(layer, choice: str, in_channels: int) -> tuple[object, int | Non
     if layer.rgb:
         return _rgb_input(data, in_channels)
     if data.ndim < 2 or min(data.shape[-2:]) == 0:
-        raise ValueError(f"image: expected a non-empty image of at least 2 dimensions, got shape "
-                         f"{tuple(data.shape)} in layer {layer.name!r}")
+        raise ValueError(
+            f"image: expected a non-empty image of at least 2 dimensions, got shape "
+            f"{tuple(data.shape)} in layer {layer.name!r}"
+        )
     axis = _channel_axis(data.shape, choice, in_channels, layer.name)
     return data, axis
 
 
 def _rgb_input(data, in_channels: int):
+    from ..core.channels import GreyView
+
     colours = data.shape[-1]
     if in_channels == 1:
-        # One-channel models see intensity; the mean of the colour channels keeps dask lazy.
-        return data.mean(axis=-1, dtype=np.float32), None
+        # the one colour rule of core.channels, as the command line applies it
+        return GreyView(data, -1), None
     if in_channels != colours:
-        raise ValueError(f"image: the model expects {in_channels} channels, the RGB layer has {colours}")
+        raise ValueError(
+            f"image: the model expects {in_channels} channels, the RGB layer has {colours}"
+        )
     return np.moveaxis(data, -1, -3), data.ndim - 3
 
 
@@ -91,7 +97,9 @@ def _channel_axis(shape, choice: str, in_channels: int, name: str) -> int | None
     if choice != "auto":
         axis = int(choice)
         if not 0 <= axis < len(shape) - 2:
-            raise ValueError(f"channel axis: expected an axis before Y, X (0..{len(shape) - 3}), got {axis}")
+            raise ValueError(
+                f"channel axis: expected an axis before Y, X (0..{len(shape) - 3}), got {axis}"
+            )
         return axis
     if in_channels == 1:
         return None
@@ -103,6 +111,17 @@ def _channel_axis(shape, choice: str, in_channels: int, name: str) -> int | None
             f"{tuple(shape)} {found} of that size: choose the channel axis"
         )
     return matches[0]
+
+
+def colour_message(layer, in_channels: int) -> str | None:
+    """What the user is told when an RGB layer is averaged to grey for the model."""
+    from ..core.channels import grey_message
+
+    if not layer.rgb or in_channels != 1:
+        return None
+    return grey_message(
+        layer.ndim, "open the image as separate channels (not RGB) to segment each colour"
+    )
 
 
 def current_plane_index(layer, point, channel_axis: int | None) -> tuple[int, ...]:

@@ -33,9 +33,9 @@ def keep_triton_out(maps: str | None = None) -> bool:
     if maps is None:
         try:
             maps = Path("/proc/self/maps").read_text()
-        except OSError:   # not Linux: no Mesa/LLVM clash seen there
+        except OSError:  # not Linux: no Mesa/LLVM clash seen there
             return False
     if not _MESA_LLVM.search(maps):
         return False
-    sys.modules["triton"] = None   # import triton now raises ImportError; find_spec gives None
+    sys.modules["triton"] = None  # import triton now raises ImportError; find_spec gives None
     return True

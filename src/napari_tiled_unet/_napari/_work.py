@@ -28,7 +28,7 @@ class LazyProgress:
 
     def update(self, done: int, total: int) -> None:
         if self._opening:
-            return   # opening the bar runs the event loop, which delivers later events early
+            return  # opening the bar runs the event loop, which delivers later events early
         if self._bar is None:
             self._opening = True
             try:

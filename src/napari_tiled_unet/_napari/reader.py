@@ -27,7 +27,12 @@ def read_store(path) -> list[tuple]:
     name = Path(path).stem
     layers = []
     if arrays["probabilities"] is not None:
-        layers.append((arrays["probabilities"], {"name": f"{name} probabilities",
-                                                 "contrast_limits": (0.0, 1.0)}, "image"))
+        layers.append(
+            (
+                arrays["probabilities"],
+                {"name": f"{name} probabilities", "contrast_limits": (0.0, 1.0)},
+                "image",
+            )
+        )
     layers.append((arrays["labels"], {"name": f"{name} labels"}, "labels"))
     return layers

@@ -9,15 +9,32 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, LineEdit,
-                              ProgressBar, PushButton, SpinBox, create_widget)
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+    create_widget,
+)
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ..core.predict import positive_or_auto
-from ._layers import Placement, current_plane_index, is_lazy, model_input, plane_of
-from ._triton import keep_triton_out
+from ._layers import (
+    Placement,
+    colour_message,
+    current_plane_index,
+    is_lazy,
+    model_input,
+    plane_of,
+)
 from ._session import FROM_FILE, SESSION_MODELS, model_choices
+from ._triton import keep_triton_out
 from ._work import Failure, LazyProgress
 
 SCOPES = ("whole stack", "current plane", "folder of files")
@@ -28,20 +45,20 @@ FOLDER = SCOPES[2]
 class SegmentJob:
     """Everything a run needs, captured on the main thread when Segment is pressed."""
 
-    layer: object                 # the source image layer (results go back to it)
-    name: str                     # its name at the start of the run
-    data: object                  # model input, shape (..., [C,] Y, X)
+    layer: object  # the source image layer (results go back to it)
+    name: str  # its name at the start of the run
+    data: object  # model input, shape (..., [C,] Y, X)
     channel_axis: int | None
     model_path: Path
-    options: dict                 # tile, batch, device for the core engine
+    options: dict  # tile, batch, device for the core engine
     threshold: float
     min_size: int
     probabilities: bool
     placement: Placement
-    plane: tuple | None = None    # leading index when only the current plane is segmented
-    link_z: float | None = None   # IoU for linking objects across Z, or None
+    plane: tuple | None = None  # leading index when only the current plane is segmented
+    link_z: float | None = None  # IoU for linking objects across Z, or None
     measure: bool = False
-    table: Path | None = None     # CSV of the measurements
+    table: Path | None = None  # CSV of the measurements
     stop: threading.Event = field(default_factory=threading.Event)
     layer_removed: bool = False
 
@@ -50,13 +67,13 @@ class SegmentJob:
 class FolderJob:
     """A run over the image files of a folder into a folder of labels files."""
 
-    name: str                     # the input folder, for messages
-    pairs: list                   # (input file, labels file)
-    images: list                  # the opened inputs (core.io.LazyImage)
+    name: str  # the input folder, for messages
+    pairs: list  # (input file, labels file)
+    images: list  # the opened inputs (core.io.LazyImage)
     model_path: Path
-    options: dict                 # engine and post-processing options of core.segment
+    options: dict  # engine and post-processing options of core.segment
     link_z: float | None
-    measure: bool                 # a NAME_labels.csv beside each labels file
+    measure: bool  # a NAME_labels.csv beside each labels file
     overwrite: bool
     stop: threading.Event = field(default_factory=threading.Event)
     layer: None = None
@@ -68,37 +85,74 @@ class SegmentWidget(Container):
 
     def __init__(self, napari_viewer):
         super().__init__(labels=True)
-        keep_triton_out()   # before torch first runs in this process (see _triton)
+        keep_triton_out()  # before torch first runs in this process (see _triton)
         self._viewer = napari_viewer
         self._image = create_widget(annotation="napari.layers.Image", label="image")
         self._channel_axis = ComboBox(label="channel axis", choices=self._channel_choices)
         self._model = ComboBox(label="model", choices=model_choices)
         self._model_file = FileEdit(label="model file", filter="*.safetensors", visible=False)
-        self._device = ComboBox(label="device", choices=_device_choices,
-                                tooltip="auto: the first CUDA GPU if there is one, else the CPU")
-        self._tile = LineEdit(label="tile size", value="auto", tooltip="input tile in pixels, or auto")
-        self._batch = LineEdit(label="batch", value="auto", tooltip="tiles per forward pass, or auto")
+        self._device = ComboBox(
+            label="device",
+            choices=_device_choices,
+            tooltip="auto: the first CUDA GPU if there is one, else the CPU",
+        )
+        self._tile = LineEdit(
+            label="tile size", value="auto", tooltip="input tile in pixels, or auto"
+        )
+        self._batch = LineEdit(
+            label="batch", value="auto", tooltip="tiles per forward pass, or auto"
+        )
         self._threshold = FloatSpinBox(
-            label="threshold", value=0.5, min=0.0, max=0.99, step=0.05,
+            label="threshold",
+            value=0.5,
+            min=0.0,
+            max=0.99,
+            step=0.05,
             tooltip="probability (0-1) above which a pixel belongs to an object (to an object's "
-                    "interior for 3-class models); starts at the model's recommendation")
-        self._diameter = LineEdit(label="object diameter", value="auto",
-                                  tooltip="typical object diameter in px, auto (estimated from the "
-                                          "first plane) or none (segment the image as it is)")
-        self._min_size = SpinBox(label="min object size", value=0, min=0, max=10**7,
-                                 tooltip="objects with fewer pixels (px, in the image's grid) are removed")
+            "interior for 3-class models); starts at the model's recommendation",
+        )
+        self._diameter = LineEdit(
+            label="object diameter",
+            value="auto",
+            tooltip="typical object diameter in px, auto (estimated from the "
+            "first plane) or none (segment the image as it is)",
+        )
+        self._min_size = SpinBox(
+            label="min object size",
+            value=0,
+            min=0,
+            max=10**7,
+            tooltip="objects with fewer pixels (px, in the image's grid) are removed",
+        )
         self._link_z = FloatSpinBox(
-            label="link Z (IoU)", value=0.0, min=0.0, max=1.0, step=0.05,
+            label="link Z (IoU)",
+            value=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.05,
             tooltip="0: off (ids restart in each plane). Otherwise an object continues the one in "
-                    "the Z plane before it that it overlaps with at least this IoU: one id per "
-                    "3D object (as cellpose's stitch_threshold)")
+            "the Z plane before it that it overlaps with at least this IoU: one id per "
+            "3D object (as cellpose's stitch_threshold)",
+        )
         self._measure = CheckBox(text="measure objects (area, centroid, box, mean intensity)")
-        self._table_file = FileEdit(label="save table to", mode="w", filter="*.csv",
-                                    tooltip="optional: the measurements as a CSV file")
-        self._in_folder = FileEdit(label="input folder", mode="d", visible=False,
-                                   tooltip="every .tif/.tiff file in it is segmented")
-        self._out_folder = FileEdit(label="output folder", mode="d", visible=False,
-                                    tooltip="NAME_labels.tif (and NAME_labels.csv) per input")
+        self._table_file = FileEdit(
+            label="save table to",
+            mode="w",
+            filter="*.csv",
+            tooltip="optional: the measurements as a CSV file",
+        )
+        self._in_folder = FileEdit(
+            label="input folder",
+            mode="d",
+            visible=False,
+            tooltip="every .tif/.tiff file in it is segmented",
+        )
+        self._out_folder = FileEdit(
+            label="output folder",
+            mode="d",
+            visible=False,
+            tooltip="NAME_labels.tif (and NAME_labels.csv) per input",
+        )
         self._replace = CheckBox(text="replace existing files", visible=False)
         self._probabilities = CheckBox(text="add a probability layer too")
         self._scope = ComboBox(label="scope", choices=SCOPES)
@@ -106,11 +160,32 @@ class SegmentWidget(Container):
         self._run = PushButton(text="Segment")
         self._cancel = PushButton(text="Cancel", enabled=False)
         self._progress = ProgressBar(label="progress", visible=False)
-        self.extend([self._image, self._channel_axis, self._model, self._model_file, self._device,
-                     self._tile, self._batch, self._diameter, self._threshold, self._min_size,
-                     self._link_z, self._measure, self._table_file, self._probabilities,
-                     self._scope, self._in_folder, self._out_folder, self._replace, self._keep,
-                     self._run, self._cancel, self._progress])
+        self.extend(
+            [
+                self._image,
+                self._channel_axis,
+                self._model,
+                self._model_file,
+                self._device,
+                self._tile,
+                self._batch,
+                self._diameter,
+                self._threshold,
+                self._min_size,
+                self._link_z,
+                self._measure,
+                self._table_file,
+                self._probabilities,
+                self._scope,
+                self._in_folder,
+                self._out_folder,
+                self._replace,
+                self._keep,
+                self._run,
+                self._cancel,
+                self._progress,
+            ]
+        )
         self._image.changed.connect(lambda *_: self._channel_axis.reset_choices())
         self._scope.changed.connect(self._on_scope_changed)
         self._model.changed.connect(self._on_model_changed)
@@ -123,7 +198,7 @@ class SegmentWidget(Container):
         SESSION_MODELS.changed.connect(on_new_model)
         # The registry outlives viewers: a closed widget must not be called back.
         self.native.destroyed.connect(lambda *_: SESSION_MODELS.changed.disconnect(on_new_model))
-        self._results: dict[int, object] = {}   # id(image layer) -> its labels layer
+        self._results: dict[int, object] = {}  # id(image layer) -> its labels layer
         self._cache: RelabelCache | None = None  # the last run's network maps
         self._kept: dict = {}
         self._relabel_pending = False
@@ -138,7 +213,7 @@ class SegmentWidget(Container):
 
     def select_model(self, path) -> None:
         """Pick ``path`` in the model list (a session model or the bundled default)."""
-        for text, value in model_choices():
+        for _text, value in model_choices():
             if value != FROM_FILE and Path(value) == Path(path).resolve():
                 self._model.value = value
                 return
@@ -155,7 +230,9 @@ class SegmentWidget(Container):
             show_error(str(error))
             return
         self._cache, self._kept = None, {}
-        self._run_worker(job, _segment_folder(job) if isinstance(job, FolderJob) else _segment(job, self._kept))
+        self._run_worker(
+            job, _segment_folder(job) if isinstance(job, FolderJob) else _segment(job, self._kept)
+        )
 
     def relabel(self, *_) -> None:
         """Relabel the last result with the form's threshold and minimum size from the kept
@@ -164,11 +241,15 @@ class SegmentWidget(Container):
         if cache is None or cache.job.layer is not self._image.value:
             return
         if self.running:
-            self._relabel_pending = True   # run when the current work ends
+            self._relabel_pending = True  # run when the current work ends
             return
         self._relabel_pending = False
-        job = replace(cache.job, threshold=float(self._threshold.value),
-                      min_size=int(self._min_size.value), stop=threading.Event())
+        job = replace(
+            cache.job,
+            threshold=float(self._threshold.value),
+            min_size=int(self._min_size.value),
+            stop=threading.Event(),
+        )
         self._run_worker(job, _relabel(job, cache))
 
     def _run_worker(self, job, worker) -> None:
@@ -193,11 +274,11 @@ class SegmentWidget(Container):
         from ..core.modelfile import read_header
 
         self._model_file.visible = self._model.value == FROM_FILE
-        self._cache = None   # another model's maps cannot be relabelled as this model's
+        self._cache = None  # another model's maps cannot be relabelled as this model's
         try:
             header = read_header(self._model_path())
         except (ValueError, FileNotFoundError):
-            return   # reported when Segment is pressed
+            return  # reported when Segment is pressed
         metadata = header["metadata"]
         # a model that records no training diameter cannot rescale: segment as it is
         self._diameter.value = "auto" if metadata.get("diameter") else "none"
@@ -210,13 +291,18 @@ class SegmentWidget(Container):
         folder = self._scope.value == FOLDER
         for widget in (self._in_folder, self._out_folder, self._replace):
             widget.visible = folder
-        for widget in (self._image, self._channel_axis, self._probabilities, self._keep,
-                       self._table_file):
+        for widget in (
+            self._image,
+            self._channel_axis,
+            self._probabilities,
+            self._keep,
+            self._table_file,
+        ):
             widget.visible = not folder
 
     def _on_new_session_model(self) -> None:
         self._model.reset_choices()
-        self._model.value = SESSION_MODELS.paths[0]   # a model just trained is ready to apply
+        self._model.value = SESSION_MODELS.paths[0]  # a model just trained is ready to apply
 
     def _channel_choices(self, *_) -> list[str]:
         layer = self._image.value
@@ -241,19 +327,31 @@ class SegmentWidget(Container):
         model_path = self._model_path()
         in_channels = int(read_header(model_path)["config"].get("in_channels", 1))
         data, axis = model_input(layer, self._channel_axis.value, in_channels)
+        if said := colour_message(layer, in_channels):
+            show_info(said)
         plane = None
         if self._scope.value == "current plane" and data.ndim - (axis is not None) > 2:
             plane = current_plane_index(layer, self._viewer.dims.point, axis)
         return SegmentJob(
-            layer=layer, name=layer.name, data=data, channel_axis=axis, model_path=model_path,
-            options={"tile": positive_or_auto("tile size", self._tile.value),
-                     "diameter": diameter_setting(self._diameter.value),
-                     "batch": positive_or_auto("batch", self._batch.value),
-                     "device": self._device.value},
-            threshold=float(self._threshold.value), min_size=int(self._min_size.value),
-            probabilities=bool(self._probabilities.value), placement=Placement.of(layer, axis),
-            plane=plane, link_z=self._checked_link_z(data.ndim - (axis is not None), plane),
-            measure=bool(self._measure.value), table=self._checked_table(),
+            layer=layer,
+            name=layer.name,
+            data=data,
+            channel_axis=axis,
+            model_path=model_path,
+            options={
+                "tile": positive_or_auto("tile size", self._tile.value),
+                "diameter": diameter_setting(self._diameter.value),
+                "batch": positive_or_auto("batch", self._batch.value),
+                "device": self._device.value,
+            },
+            threshold=float(self._threshold.value),
+            min_size=int(self._min_size.value),
+            probabilities=bool(self._probabilities.value),
+            placement=Placement.of(layer, axis),
+            plane=plane,
+            link_z=self._checked_link_z(data.ndim - (axis is not None), plane),
+            measure=bool(self._measure.value),
+            table=self._checked_table(),
         )
 
     def _folder_job(self) -> FolderJob:
@@ -271,21 +369,32 @@ class SegmentWidget(Container):
             z_linker(link_z, image.axes)
             for path in [output] + ([output.with_suffix(".csv")] if self._measure.value else []):
                 check_output_path("output folder", path, [source, model_path], self._replace.value)
-        options = {"tile": positive_or_auto("tile size", self._tile.value),
-                   "diameter": diameter_setting(self._diameter.value),
-                   "batch": positive_or_auto("batch", self._batch.value),
-                   "device": self._device.value, "threshold": float(self._threshold.value),
-                   "min_size": int(self._min_size.value)}
-        return FolderJob(name=Path(self._in_folder.value).name, pairs=pairs, images=images,
-                         model_path=model_path, options=options, link_z=link_z,
-                         measure=bool(self._measure.value), overwrite=bool(self._replace.value))
+        options = {
+            "tile": positive_or_auto("tile size", self._tile.value),
+            "diameter": diameter_setting(self._diameter.value),
+            "batch": positive_or_auto("batch", self._batch.value),
+            "device": self._device.value,
+            "threshold": float(self._threshold.value),
+            "min_size": int(self._min_size.value),
+        }
+        return FolderJob(
+            name=Path(self._in_folder.value).name,
+            pairs=pairs,
+            images=images,
+            model_path=model_path,
+            options=options,
+            link_z=link_z,
+            measure=bool(self._measure.value),
+            overwrite=bool(self._replace.value),
+        )
 
     def _checked_link_z(self, ndim: int, plane) -> float | None:
         if not self._link_z.value or plane is not None:
             return None
         if ndim < 3:
-            raise ValueError("link Z: expected a stack (a Z axis before Y, X); set it to 0 for "
-                             "a single plane")
+            raise ValueError(
+                "link Z: expected a stack (a Z axis before Y, X); set it to 0 for a single plane"
+            )
         return float(self._link_z.value)
 
     def _checked_table(self) -> Path | None:
@@ -333,9 +442,13 @@ class SegmentWidget(Container):
 
                 layer.features = pd.DataFrame(table)
             if probability is not None:
-                self._viewer.add_image(probability, name=f"{job.name} probability",
-                                       colormap="magma", blending="additive",
-                                       **job.placement.layer_kwargs())
+                self._viewer.add_image(
+                    probability,
+                    name=f"{job.name} probability",
+                    colormap="magma",
+                    blending="additive",
+                    **job.placement.layer_kwargs(),
+                )
             size = "" if diameter is None else f" (object diameter {diameter:.0f} px)"
             show_info(f"{job.name}: {count} objects{size}")
             self._keep_cache()
@@ -361,8 +474,9 @@ class SegmentWidget(Container):
         if job.plane is not None:
             labels = _into_stack(previous, job, labels)
         if previous is None:
-            layer = self._viewer.add_labels(labels, name=f"{job.name} labels",
-                                            **job.placement.layer_kwargs())
+            layer = self._viewer.add_labels(
+                labels, name=f"{job.name} labels", **job.placement.layer_kwargs()
+            )
             self._results[id(job.layer)] = layer
             return layer
         previous.data = labels
@@ -377,12 +491,16 @@ def _no_path(value) -> bool:
 
 def _report_folder(job: FolderJob, result) -> None:
     if result is None:
-        show_info(f"Segmentation of folder {job.name!r} cancelled; files already finished were "
-                  f"kept, no partial file was written")
+        show_info(
+            f"Segmentation of folder {job.name!r} cancelled; files already finished were "
+            f"kept, no partial file was written"
+        )
         return
     objects = sum(count for _, count in result)
-    show_info(f"{job.name}: {len(result)} files segmented, {objects} objects; labels in "
-              f"{job.pairs[0][1].parent}")
+    show_info(
+        f"{job.name}: {len(result)} files segmented, {objects} objects; labels in "
+        f"{job.pairs[0][1].parent}"
+    )
 
 
 def _into_stack(previous, job: SegmentJob, plane_labels):
@@ -406,8 +524,14 @@ def _allocate(shape, dtype, lazy: bool, name: str):
 
     folder = Path(tempfile.mkdtemp(prefix="tiled-unet-"))
     chunks = (1,) * (len(shape) - 2) + tuple(min(s, 2048) for s in shape[-2:])
-    return zarr.open_array(str(folder / f"{name}.zarr"), mode="w", shape=shape, chunks=chunks,
-                           dtype=dtype, fill_value=0)
+    return zarr.open_array(
+        str(folder / f"{name}.zarr"),
+        mode="w",
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        fill_value=0,
+    )
 
 
 @dataclass
@@ -416,11 +540,12 @@ class RelabelCache:
     without the network (in memory, or a zarr store on disk for lazy inputs)."""
 
     job: SegmentJob
-    maps: object                  # dict lead -> maps, or an array of shape leading + maps shape
+    maps: object  # dict lead -> maps, or an array of shape leading + maps shape
     leads: list
     plane_shape: tuple
     factor: float
     diameter: float | None
+    mode: str  # the model's output mode (decoder)
 
 
 @dataclass(frozen=True)
@@ -440,7 +565,9 @@ class _Collector:
         self.shape, self.lazy = shape, lazy
         self.planes: dict = {}
         self.labels = _allocate(shape, np.uint32, True, "labels") if lazy else None
-        self.probability = _allocate(shape, np.float32, lazy, "probability") if job.probabilities else None
+        self.probability = (
+            _allocate(shape, np.float32, lazy, "probability") if job.probabilities else None
+        )
         self.linker = None if job.link_z is None else ZLinker(job.link_z)
         self.table = MeasurementTable(data, axis, job.table, keep=True) if job.measure else None
         self.count = 0
@@ -464,7 +591,13 @@ class _Collector:
             self.table.commit()
         count = self.count if self.linker is None else self.linker.next_id - 1
         labels = self.labels if self.lazy else _stacked(self.planes, self.shape)
-        return labels, self.probability, count, diameter, None if self.table is None else self.table.columns
+        return (
+            labels,
+            self.probability,
+            count,
+            diameter,
+            None if self.table is None else self.table.columns,
+        )
 
     def discard(self) -> None:
         if self.table is not None:
@@ -491,8 +624,15 @@ def _segment(job: SegmentJob, keep: dict):
     data, axis, shape, lazy = _job_input(job)
     try:
         model = load_model(job.model_path)
-        events = segment(model, data, channel_axis=axis, threshold=job.threshold,
-                         min_size=job.min_size, should_stop=job.stop.is_set, **job.options)
+        events = segment(
+            model,
+            data,
+            channel_axis=axis,
+            threshold=job.threshold,
+            min_size=job.min_size,
+            should_stop=job.stop.is_set,
+            **job.options,
+        )
     except (ValueError, FileNotFoundError) as error:
         return Failure(str(error))
     collector, maps, event = _Collector(job, data, axis, shape, lazy), None, None
@@ -507,14 +647,25 @@ def _segment(job: SegmentJob, keep: dict):
         result = collector.result(event.diameter if event is not None else None)
     finally:
         collector.discard()
-    keep["cache"] = RelabelCache(job, maps, list(np.ndindex(*shape[:-2])), shape[-2:],
-                                 event.factor, event.diameter)
+    keep["cache"] = RelabelCache(
+        job,
+        maps,
+        list(np.ndindex(*shape[:-2])),
+        shape[-2:],
+        event.factor,
+        event.diameter,
+        model.config.output_mode,
+    )
     return result
 
 
 def _kept(maps, leading, plane, lazy: bool):
     if maps is None:
-        maps = {} if not lazy else _allocate(tuple(leading) + plane.maps.shape, np.float32, True, "maps")
+        maps = (
+            {}
+            if not lazy
+            else _allocate(tuple(leading) + plane.maps.shape, np.float32, True, "maps")
+        )
     maps[plane.lead] = plane.maps
     return maps
 
@@ -531,8 +682,14 @@ def _relabel(job: SegmentJob, cache: RelabelCache):
         for index, lead in enumerate(cache.leads):
             if job.stop.is_set():
                 return None
-            labels, probability = relabel_plane(np.asarray(cache.maps[lead]), job.threshold,
-                                                job.min_size, cache.plane_shape, cache.factor)
+            labels, probability = relabel_plane(
+                np.asarray(cache.maps[lead]),
+                job.threshold,
+                job.min_size,
+                cache.plane_shape,
+                cache.factor,
+                cache.mode,
+            )
             collector.add(index, lead, labels, probability, int(labels.max()))
             yield RelabelProgress(index + 1, len(cache.leads))
         return collector.result(cache.diameter)
@@ -555,15 +712,24 @@ def _segment_folder(job: FolderJob):
     for index, ((source, output), image) in enumerate(zip(job.pairs, job.images)):
         outputs = FileOutputs(output, table=output.with_suffix(".csv") if job.measure else None)
         try:
-            events = segment_file(model, image, outputs, channel_axis=image.channel_axis,
-                                  link_z=job.link_z, overwrite=job.overwrite,
-                                  should_stop=job.stop.is_set, **job.options)
+            events = segment_file(
+                model,
+                image,
+                outputs,
+                channel_axis=image.channel_axis,
+                link_z=job.link_z,
+                overwrite=job.overwrite,
+                should_stop=job.stop.is_set,
+                **job.options,
+            )
             for event in events:
                 if event.stopped:
                     return None
                 yield index, event
         except (ValueError, FileNotFoundError, FileExistsError) as error:
-            return Failure(f"{source.name}: {error} ({len(done)} files finished before it were kept)")
+            return Failure(
+                f"{source.name}: {error} ({len(done)} files finished before it were kept)"
+            )
         done.append((source.name, event.objects if event.linked is None else event.linked))
     return done
 
@@ -578,7 +744,9 @@ def diameter_setting(text: str):
     except ValueError:
         value = float("nan")
     if not value > 0:
-        raise ValueError(f"object diameter: expected a positive number of pixels, auto or none, got {text!r}")
+        raise ValueError(
+            f"object diameter: expected a positive number of pixels, auto or none, got {text!r}"
+        )
     return value
 
 
@@ -599,8 +767,10 @@ def _tile_tooltip(config: dict) -> str:
     from ..core.predict import smallest_tile
 
     smallest = smallest_tile(ConfigGeometry(UNetConfig.from_dict(config)))
-    return (f"input tile in pixels, or auto (fastest). This model: at least {smallest} px; "
-            f"smaller values are raised to it")
+    return (
+        f"input tile in pixels, or auto (fastest). This model: at least {smallest} px; "
+        f"smaller values are raised to it"
+    )
 
 
 def _device_choices(*_) -> list[str]:

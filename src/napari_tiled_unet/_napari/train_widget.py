@@ -8,17 +8,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label,
-                              PushButton, SpinBox, create_widget)
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    PushButton,
+    SpinBox,
+    create_widget,
+)
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
-from ._layers import full_resolution, model_input
 from ..core.weights import VARIANT_DEFAULTS
-from ._triton import keep_triton_out
-from ._session import SESSION_MODELS
-from ._work import Failure, LazyProgress
 from ..models import DEFAULT_MODEL
+from ._layers import full_resolution, model_input
+from ._session import SESSION_MODELS
+from ._triton import keep_triton_out
+from ._work import Failure, LazyProgress
 
 STARTS = ("scratch", "bundled default", "file")
 # A new network (with batch normalisation) learns fastest at 1e-3; fine-tuning a trained one
@@ -31,9 +40,9 @@ MODEL_FOLDER = Path.home() / "napari-tiled-unet" / "models"
 class TrainJob:
     """Arrays and settings captured on the main thread when Train is pressed."""
 
-    samples: list                 # core.train.Sample
+    samples: list  # core.train.Sample
     output: Path
-    config: object                # core.train.TrainConfig
+    config: object  # core.train.TrainConfig
     init: Path | None
     in_channels: int
     stop: threading.Event = field(default_factory=threading.Event)
@@ -44,46 +53,97 @@ class TrainWidget(Container):
 
     def __init__(self, napari_viewer):
         super().__init__(labels=True)
-        keep_triton_out()   # before torch first runs in this process (see _triton)
+        keep_triton_out()  # before torch first runs in this process (see _triton)
         self._viewer = napari_viewer
         self._image = create_widget(annotation="napari.layers.Image", label="image")
         self._labels_layer = create_widget(annotation="napari.layers.Labels", label="labels")
         self._add_pair = PushButton(text="Add pair")
         self._clear_pairs = PushButton(text="Clear pairs")
         self._pairs_text = Label(value="training on: the image and labels above")
-        self._regions = create_widget(annotation="napari.layers.Shapes", label="annotated regions",
-                                      options={"nullable": True,
-                                               "tooltip": "fully annotated regions; outside them pixels are ignored"})
-        self._ignore = SpinBox(label="ignore label", value=0, min=0, max=2**31 - 1,
-                               tooltip="label id ignored by the loss (0 = none)")
+        self._regions = create_widget(
+            annotation="napari.layers.Shapes",
+            label="annotated regions",
+            options={
+                "nullable": True,
+                "tooltip": "fully annotated regions; outside them pixels are ignored",
+            },
+        )
+        self._ignore = SpinBox(
+            label="ignore label",
+            value=0,
+            min=0,
+            max=2**31 - 1,
+            tooltip="label id ignored by the loss (0 = none)",
+        )
         paper_w0, paper_sigma = VARIANT_DEFAULTS["paper"]
         self._w0 = FloatSpinBox(
-            label="w0", value=paper_w0, min=0.0, max=1000.0,
+            label="w0",
+            value=paper_w0,
+            min=0.0,
+            max=1000.0,
             tooltip="extra loss weight of background pixels between two objects (unitless; "
-                    "paper: 10), so touching objects are learnt apart")
+            "paper: 10), so touching objects are learnt apart",
+        )
         self._sigma = FloatSpinBox(
-            label="sigma", value=paper_sigma, min=0.01, max=1000.0,
-            tooltip="how far (px) from the two nearest objects that weight reaches (paper: 5 px)")
+            label="sigma",
+            value=paper_sigma,
+            min=0.01,
+            max=1000.0,
+            tooltip="how far (px) from the two nearest objects that weight reaches (paper: 5 px)",
+        )
         self._physical = CheckBox(text="sigma in the layer's units (scale)")
         self._iterations = SpinBox(label="iterations", value=2000, min=1, max=10**7)
-        self._lr = FloatSpinBox(label="learning rate", value=LEARNING_RATES["scratch"], min=1e-7,
-                                max=1.0, step=1e-5, tooltip="Adam, decaying to 0 over the run (cosine)")
+        self._lr = FloatSpinBox(
+            label="learning rate",
+            value=LEARNING_RATES["scratch"],
+            min=1e-7,
+            max=1.0,
+            step=1e-5,
+            tooltip="Adam, decaying to 0 over the run (cosine)",
+        )
         self._batch = SpinBox(label="batch", value=4, min=1, max=256, tooltip="patches per step")
-        self._patch = SpinBox(label="patch size", value=252, min=16, max=4096,
-                              tooltip="input patch side in px")
-        self._val_fraction = FloatSpinBox(label="validation fraction", value=0.1, min=0.0, max=0.9, step=0.05)
+        self._patch = SpinBox(
+            label="patch size", value=252, min=16, max=4096, tooltip="input patch side in px"
+        )
+        self._val_fraction = FloatSpinBox(
+            label="validation fraction", value=0.1, min=0.0, max=0.9, step=0.05
+        )
         self._start_from = ComboBox(label="start from", choices=STARTS)
         self._init_file = FileEdit(label="initial model", filter="*.safetensors", visible=False)
-        self._output = FileEdit(label="save model as", mode="w", filter="*.safetensors",
-                                tooltip=f"default: a new file in {MODEL_FOLDER}")
+        self._output = FileEdit(
+            label="save model as",
+            mode="w",
+            filter="*.safetensors",
+            tooltip=f"default: a new file in {MODEL_FOLDER}",
+        )
         self._overwrite = CheckBox(text="overwrite an existing model file")
         self._train = PushButton(text="Train")
         self._stop = PushButton(text="Stop (keeps the best model)", enabled=False)
-        self.extend([self._image, self._labels_layer, self._add_pair, self._clear_pairs, self._pairs_text,
-                     self._regions, self._ignore, self._w0, self._sigma, self._physical,
-                     self._iterations, self._lr, self._batch, self._patch, self._val_fraction,
-                     self._start_from, self._init_file, self._output, self._overwrite,
-                     self._train, self._stop])
+        self.extend(
+            [
+                self._image,
+                self._labels_layer,
+                self._add_pair,
+                self._clear_pairs,
+                self._pairs_text,
+                self._regions,
+                self._ignore,
+                self._w0,
+                self._sigma,
+                self._physical,
+                self._iterations,
+                self._lr,
+                self._batch,
+                self._patch,
+                self._val_fraction,
+                self._start_from,
+                self._init_file,
+                self._output,
+                self._overwrite,
+                self._train,
+                self._stop,
+            ]
+        )
         self.plot = TrainingPlot()
         self.native.layout().addWidget(self.plot.canvas)
         self._pairs: list[tuple] = []
@@ -135,7 +195,9 @@ class TrainWidget(Container):
             show_error("pairs: choose an image layer and a labels layer to add")
             return
         self._pairs.append((image, labels, self._regions.value))
-        self._pairs_text.value = "training on: " + "; ".join(f"{i.name} + {l.name}" for i, l, _ in self._pairs)
+        self._pairs_text.value = "training on: " + "; ".join(
+            f"{image.name} + {labels.name}" for image, labels, _ in self._pairs
+        )
 
     def _on_clear_pairs(self, *_) -> None:
         self._pairs = []
@@ -148,21 +210,31 @@ class TrainWidget(Container):
         init = self._init_path()
         in_channels = 1 if init is None else int(read_header(init)["config"].get("in_channels", 1))
         pairs = self._pairs or [(self._image.value, self._labels_layer.value, self._regions.value)]
-        samples = [_sample(image, labels, regions, in_channels)
-                   for image, labels, regions in pairs]
+        samples = [_sample(image, labels, regions, in_channels) for image, labels, regions in pairs]
         config = TrainConfig(
-            iterations=self._iterations.value, batch=self._batch.value, patch=self._patch.value,
-            lr=self._lr.value, lr_schedule="cosine", w0=self._w0.value, sigma=self._sigma.value,
+            iterations=self._iterations.value,
+            batch=self._batch.value,
+            patch=self._patch.value,
+            lr=self._lr.value,
+            lr_schedule="cosine",
+            w0=self._w0.value,
+            sigma=self._sigma.value,
             pixel_size=_pixel_size(pairs[0][0]) if self._physical.value else None,
-            ignore_label=self._ignore.value or None, val_fraction=self._val_fraction.value,
+            ignore_label=self._ignore.value or None,
+            val_fraction=self._val_fraction.value,
             validate_every=max(1, min(100, self._iterations.value // 10)),
         )
         return TrainJob(samples, self._output_path(pairs[0][0].name), config, init, in_channels)
 
     def _init_path(self) -> Path | None:
         start = self._start_from.value
-        path = None if start == "scratch" else DEFAULT_MODEL if start == "bundled default" \
+        path = (
+            None
+            if start == "scratch"
+            else DEFAULT_MODEL
+            if start == "bundled default"
             else Path(self._init_file.value)
+        )
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"start from: no such model file: {path}")
         return path
@@ -198,18 +270,24 @@ class TrainWidget(Container):
         state = "stopped" if result is not None and result.stopped else "done"
         score = best.get("ap50", float("nan"))
         if result is not None and result.worse_than_baseline:
-            show_warning(f"Training {state}; the new model scores validation AP@0.5 {score:.3f}, "
-                         f"below the {result.baseline['ap50']:.3f} of the model it started from. "
-                         f"It was saved to {output} but not selected in the Segment widget.")
+            show_warning(
+                f"Training {state}; the new model scores validation AP@0.5 {score:.3f}, "
+                f"below the {result.baseline['ap50']:.3f} of the model it started from. "
+                f"It was saved to {output} but not selected in the Segment widget."
+            )
         else:
             SESSION_MODELS.add(output)
-            message = (f"Training {state}; model saved to {output} (validation AP@0.5 {score:.3f}); "
-                       f"it is selected in the Segment widget")
+            message = (
+                f"Training {state}; model saved to {output} (validation AP@0.5 {score:.3f}); "
+                f"it is selected in the Segment widget"
+            )
             if score > 0:
                 show_info(message)
             else:
-                show_warning(f"{message}. It finds no validation object yet: annotate more "
-                             f"objects, or train longer.")
+                show_warning(
+                    f"{message}. It finds no validation object yet: annotate more "
+                    f"objects, or train longer."
+                )
 
     def _on_finished(self) -> None:
         self._bar.close()
@@ -276,8 +354,10 @@ def _tell_what_is_used(data) -> None:
     """What the run learns from; a warning when it is too little to judge the result by."""
     text = data.describe()
     if not data.held_out or data.train_objects < _FEW_OBJECTS:
-        show_warning(f"Training: {text}. The validation score will say little about new "
-                     f"images: annotate more objects, or add another image.")
+        show_warning(
+            f"Training: {text}. The validation score will say little about new "
+            f"images: annotate more objects, or add another image."
+        )
     else:
         show_info(f"Training: {text}")
 
@@ -289,11 +369,20 @@ def _train(job: TrainJob):
     from ..core.train import train
 
     # The bundled model's architecture: fast on CPUs, and batch norm trains quickly from scratch.
-    model_config = None if job.init else UNetConfig(depth=3, base_channels=16, norm="batch",
-                                                    in_channels=job.in_channels)
+    model_config = (
+        None
+        if job.init
+        else UNetConfig(depth=3, base_channels=16, norm="batch", in_channels=job.in_channels)
+    )
     try:
-        events = train(job.samples, job.output, config=job.config, model_config=model_config,
-                       init=job.init, should_stop=job.stop.is_set)
+        events = train(
+            job.samples,
+            job.output,
+            config=job.config,
+            model_config=model_config,
+            init=job.init,
+            should_stop=job.stop.is_set,
+        )
     except (ValueError, FileNotFoundError) as error:
         return Failure(str(error))
     last = None
@@ -308,11 +397,13 @@ def _sample(image_layer, labels_layer, regions_layer, in_channels: int):
     if image_layer is None or labels_layer is None:
         raise ValueError("labels: choose an image layer and the labels layer annotating it")
     data, axis = model_input(image_layer, "auto", in_channels)
-    labels = np.array(full_resolution(labels_layer))   # a copy: painting goes on during training
+    labels = np.array(full_resolution(labels_layer))  # a copy: painting goes on during training
     spatial = tuple(s for i, s in enumerate(data.shape) if i != axis)
     if labels.shape != spatial:
-        raise ValueError(f"labels: layer {labels_layer.name!r} has shape {labels.shape}, expected the "
-                         f"shape of image {image_layer.name!r} {spatial}")
+        raise ValueError(
+            f"labels: layer {labels_layer.name!r} has shape {labels.shape}, expected the "
+            f"shape of image {image_layer.name!r} {spatial}"
+        )
     region = None
     if regions_layer is not None:
         region = regions_layer.to_labels(labels_shape=labels.shape) > 0
@@ -322,8 +413,10 @@ def _sample(image_layer, labels_layer, regions_layer, in_channels: int):
 def _pixel_size(layer) -> float:
     y, x = (float(s) for s in layer.scale[-2:])
     if not np.isclose(y, x):
-        raise ValueError(f"sigma units: the layer's pixels are not square (scale Y {y}, X {x}); "
-                         f"give sigma in pixels")
+        raise ValueError(
+            f"sigma units: the layer's pixels are not square (scale Y {y}, X {x}); "
+            f"give sigma in pixels"
+        )
     return x
 
 

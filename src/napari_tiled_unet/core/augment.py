@@ -45,8 +45,13 @@ class Augmentation:
 NO_AUGMENTATION = Augmentation(0.0, 3, False, (1.0, 1.0), (0.0, 0.0), (1.0, 1.0), (1.0, 1.0))
 
 
-def augment(image: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
-            settings: Augmentation, generator: torch.Generator):
+def augment(
+    image: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    settings: Augmentation,
+    generator: torch.Generator,
+):
     """Augment a batch; every sample gets its own random transform.
 
     Parameters
@@ -80,8 +85,9 @@ def elastic_grid(shape, settings: Augmentation, generator: torch.Generator) -> t
     """
     n, _, height, width = shape
     coarse = torch.randn(n, 2, settings.elastic_grid, settings.elastic_grid, generator=generator)
-    displacement = F.interpolate(coarse * settings.elastic_sigma, size=(height, width),
-                                 mode="bicubic", align_corners=True)
+    displacement = F.interpolate(
+        coarse * settings.elastic_sigma, size=(height, width), mode="bicubic", align_corners=True
+    )
     # Pixels to normalised units (align_corners=True: -1 and 1 are the outer pixel centres).
     scale = torch.tensor([2.0 / max(width - 1, 1), 2.0 / max(height - 1, 1)]).view(1, 2, 1, 1)
     ys = torch.linspace(-1, 1, height).view(1, height, 1).expand(n, height, width)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -34,7 +34,9 @@ def batch_pairs(inputs: Sequence[Path], output_folder: Path) -> list[tuple[Path,
     files: list[Path] = []
     for path in map(Path, inputs):
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in TIFF_SUFFIXES and p.is_file())
+            found = sorted(
+                p for p in path.iterdir() if p.suffix.lower() in TIFF_SUFFIXES and p.is_file()
+            )
             if not found:
                 raise ValueError(f"input: folder {path} holds no .tif or .tiff file")
             files += found
@@ -42,14 +44,17 @@ def batch_pairs(inputs: Sequence[Path], output_folder: Path) -> list[tuple[Path,
             files.append(path)
     output_folder = Path(output_folder)
     if output_folder.exists() and not output_folder.is_dir():
-        raise ValueError(f"output: with several inputs, expected a folder, got the file {output_folder}")
+        raise ValueError(
+            f"output: with several inputs, expected a folder, got the file {output_folder}"
+        )
     if len({f.stem for f in files}) != len(files):
         raise ValueError("input: two inputs share a name; their outputs would collide")
     pairs = [(f, output_folder / f"{f.stem}_labels.tif") for f in files]
     taken = {f.resolve() for f in files} & {out.resolve() for _, out in pairs}
     if taken:
-        raise ValueError(f"output: {sorted(taken)[0]} is an input of this run; choose another "
-                         f"output folder")
+        raise ValueError(
+            f"output: {sorted(taken)[0]} is an input of this run; choose another output folder"
+        )
     return pairs
 
 
@@ -58,13 +63,21 @@ def check_output_path(option: str, path: Path, inputs, overwrite: bool, suffixes
     wrong file type, one of the run's inputs (links and hard links resolved), an existing file
     without ``--overwrite``, a missing or read-only folder."""
     if suffixes and path.suffix.lower() not in suffixes:
-        raise ValueError(f"{option}: expected a file name ending in {' or '.join(suffixes)}, got {path}")
+        raise ValueError(
+            f"{option}: expected a file name ending in {' or '.join(suffixes)}, got {path}"
+        )
     if path.is_dir():
         raise ValueError(f"{option}: {path} is a folder; expected a file name")
     for source in inputs:
-        if source is not None and path.exists() and Path(source).exists() and os.path.samefile(path, source):
-            raise ValueError(f"{option}: {path} is one of this run's inputs ({source}); "
-                             f"choose another output")
+        if (
+            source is not None
+            and path.exists()
+            and Path(source).exists()
+            and os.path.samefile(path, source)
+        ):
+            raise ValueError(
+                f"{option}: {path} is one of this run's inputs ({source}); choose another output"
+            )
     if path.exists() and not overwrite:
         raise ValueError(f"{option}: {path} exists; pass --overwrite to replace it")
     folder = path.parent
@@ -90,8 +103,9 @@ def z_linker(min_iou: float | None, axes: str) -> ZLinker | None:
     if min_iou is None:
         return None
     if len(axes) < 3 or axes[-3] != "Z":
-        raise ValueError(f"link_z: expected a stack whose plane axis just before Y, X is Z, "
-                         f"got axes {axes!r}")
+        raise ValueError(
+            f"link_z: expected a stack whose plane axis just before Y, X is Z, got axes {axes!r}"
+        )
     return ZLinker(min_iou)
 
 
@@ -168,18 +182,26 @@ def segment_file(
     from .segment import segment
 
     if channel_axis is not None and -len(image.shape) <= channel_axis < len(image.shape):
-        channel_axis %= len(image.shape)   # out-of-range values are reported by segment
+        channel_axis %= len(image.shape)  # out-of-range values are reported by segment
     axes = "".join(a for i, a in enumerate(image.axes) if i != channel_axis)
     shape = tuple(n for i, n in enumerate(image.shape) if i != channel_axis)
     linker = z_linker(link_z, axes)
-    events = segment(model, image.data, channel_axis=channel_axis, should_stop=should_stop, **options)
-    _, min_size = postprocess_options(model.metadata, options.get("threshold"), options.get("min_size"))
+    events = segment(
+        model, image.data, channel_axis=channel_axis, should_stop=should_stop, **options
+    )
+    _, min_size = postprocess_options(
+        model.metadata, options.get("threshold"), options.get("min_size")
+    )
     planes = int(np.prod(shape[:-2], dtype=np.int64)) if linker else 1
     # Labels compress many times over, which matters when their dtype must be wide.
-    targets = [(outputs.labels, shape, labels_dtype_for(shape, min_size, planes), axes, True)]
+    targets: list[tuple] = [
+        (outputs.labels, shape, labels_dtype_for(shape, min_size, planes), axes, True)
+    ]
     if outputs.probabilities is not None:
         targets.append((outputs.probabilities, shape, np.float32, axes, False))
-    table = None if outputs.table is None else MeasurementTable(image.data, channel_axis, outputs.table)
+    table = (
+        None if outputs.table is None else MeasurementTable(image.data, channel_axis, outputs.table)
+    )
     return _written(events, targets, linker, table, overwrite, image.data)
 
 

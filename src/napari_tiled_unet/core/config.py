@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 
 PADDINGS = ("valid", "same")
+# Output modes and their output channels (see core.targets).
+MODE_CHANNELS = {"paper": 2, "boundary": 3, "distance": 3}
 NORMS = (None, "batch")
 
 
@@ -32,6 +34,9 @@ class UNetConfig:
         ``"same"``: zero-padded convolutions, output the size of the input.
     norm : {None, "batch"}
         Optional BatchNorm after each convolution.
+    mode : {None, "paper", "boundary", "distance"}
+        What the outputs mean (:mod:`.targets`); None: by ``n_classes`` (2 paper, 3 boundary),
+        as in files written before the distance mode existed.
     """
 
     depth: int = 4
@@ -40,6 +45,7 @@ class UNetConfig:
     n_classes: int = 2
     padding: str = "valid"
     norm: str | None = None
+    mode: str | None = None
 
     def __post_init__(self):
         _check_int("depth", self.depth, 1, 8)
@@ -50,16 +56,37 @@ class UNetConfig:
             raise ValueError(f"padding: expected one of {PADDINGS}, got {self.padding!r}")
         if self.norm not in NORMS:
             raise ValueError(f"norm: expected one of {NORMS}, got {self.norm!r}")
+        if self.mode is not None and MODE_CHANNELS.get(self.mode) != self.n_classes:
+            raise ValueError(
+                f"mode: expected one of {sorted(MODE_CHANNELS)} with its outputs "
+                f"({MODE_CHANNELS}), got {self.mode!r} with n_classes={self.n_classes}"
+            )
+
+    @property
+    def output_mode(self) -> str:
+        """ "paper", "boundary" or "distance" (:mod:`.targets`)."""
+        if self.mode is not None:
+            return self.mode
+        if self.n_classes not in (2, 3):
+            raise ValueError(
+                f"n_classes: expected 2 (paper) or 3 (boundary), got {self.n_classes!r}"
+            )
+        return "paper" if self.n_classes == 2 else "boundary"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if values["mode"] is None:  # files stay readable by versions without the field
+            del values["mode"]
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> UNetConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"UNetConfig: unknown fields {sorted(unknown)}; expected {sorted(known)}")
+            raise ValueError(
+                f"UNetConfig: unknown fields {sorted(unknown)}; expected {sorted(known)}"
+            )
         return cls(**values)
 
 

@@ -105,9 +105,11 @@ class ClusterJob:
         """Every block, in C order of (plane, block row, block column)."""
         height, width = self.shape[-2:]
         by, bx = self.block
-        return [Block(lead, (slice(y, min(y + by, height)), slice(x, min(x + bx, width))))
-                for lead in np.ndindex(*self.leading)
-                for y, x in product(range(0, height, by), range(0, width, bx))]
+        return [
+            Block(lead, (slice(y, min(y + by, height)), slice(x, min(x + bx, width))))
+            for lead in np.ndindex(*self.leading)
+            for y, x in product(range(0, height, by), range(0, width, bx))
+        ]
 
 
 @dataclass(frozen=True)
@@ -147,10 +149,23 @@ class ClusterEvent:
     stopped: bool = False
 
 
-def plan_job(model_path, input_path, output, *, model, series=None, channel_axis=None,
-             block: int | tuple[int, int] = DEFAULT_BLOCK, threshold=None, min_size=None,
-             probabilities: bool = False, tile="auto", batch="auto", device="auto",
-             precision="auto") -> ClusterJob:
+def plan_job(
+    model_path,
+    input_path,
+    output,
+    *,
+    model,
+    series=None,
+    channel_axis=None,
+    block: int | tuple[int, int] = DEFAULT_BLOCK,
+    threshold=None,
+    min_size=None,
+    probabilities: bool = False,
+    tile="auto",
+    batch="auto",
+    device="auto",
+    precision="auto",
+) -> ClusterJob:
     """Check every argument and build the job, before any work.
 
     Parameters
@@ -168,9 +183,11 @@ def plan_job(model_path, input_path, output, *, model, series=None, channel_axis
     from .postprocess import postprocess_options
     from .predict import _check_channels, _normalised_axis, leading_shape
 
-    if model.config.n_classes != 2:
-        raise ValueError(f"model: the cluster path labels 2-class (foreground) models; this one "
-                         f"has {model.config.n_classes} classes")
+    if model.config.output_mode != "paper":
+        raise ValueError(
+            f"model: the cluster path labels 2-class (foreground) models; this one "
+            f"has {model.config.n_classes} outputs ({model.config.output_mode} mode)"
+        )
     threshold, min_size = postprocess_options(model.metadata, threshold, min_size)
     image = open_image(input_path, series=series)
     channel_axis = image.channel_axis if channel_axis is None else channel_axis
@@ -183,9 +200,21 @@ def plan_job(model_path, input_path, output, *, model, series=None, channel_axis
         raise ValueError(f"output: expected a store name ending in .zarr, got {output}")
     stamp = Path(model_path).stat()
     return ClusterJob(
-        str(Path(model_path).absolute()), str(Path(input_path).absolute()), str(output), series,
-        channel_axis, leading_shape(image.shape, channel_axis) + tuple(image.shape[-2:]), axes, block,
-        float(threshold), int(min_size), bool(probabilities), tile, batch, device, precision,
+        str(Path(model_path).absolute()),
+        str(Path(input_path).absolute()),
+        str(output),
+        series,
+        channel_axis,
+        leading_shape(image.shape, channel_axis) + tuple(image.shape[-2:]),
+        axes,
+        block,
+        float(threshold),
+        int(min_size),
+        bool(probabilities),
+        tile,
+        batch,
+        device,
+        precision,
         f"{stamp.st_size}:{stamp.st_mtime_ns}",
     )
 
@@ -195,10 +224,17 @@ def _checked_block(block, model) -> tuple[int, int]:
 
     sizes = block if isinstance(block, tuple) else (block, block)
     smallest, step = smallest_tile(model), model.size_step
-    if len(sizes) != 2 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool)
-                                  and n >= smallest and n % step == 0 for n in sizes):
-        raise ValueError(f"block: expected a size in px of at least {smallest} (this model's "
-                         f"smallest tile) and a multiple of {step}, got {block!r}")
+    if len(sizes) != 2 or not all(
+        isinstance(n, (int, np.integer))
+        and not isinstance(n, bool)
+        and n >= smallest
+        and n % step == 0
+        for n in sizes
+    ):
+        raise ValueError(
+            f"block: expected a size in px of at least {smallest} (this model's "
+            f"smallest tile) and a multiple of {step}, got {block!r}"
+        )
     return int(sizes[0]), int(sizes[1])
 
 
@@ -220,13 +256,21 @@ def prepare_store(job: ClusterJob, overwrite: bool = False) -> int:
     if output.exists():
         previous = _read_record(output)
         if previous is None:
-            raise ValueError(f"output: {output} exists and is not a napari-tiled-unet store; "
-                             f"choose another name or remove it yourself")
+            raise ValueError(
+                f"output: {output} exists and is not a napari-tiled-unet store; "
+                f"choose another name or remove it yourself"
+            )
         if previous == job.record() and not overwrite:
-            return len(list(_done_folder(output).glob("*.npz"))) if not _complete(output) else len(job.blocks())
+            return (
+                len(list(_done_folder(output).glob("*.npz")))
+                if not _complete(output)
+                else len(job.blocks())
+            )
         if not overwrite:
-            raise ValueError(f"output: {output} holds another run's result; pass --overwrite to "
-                             f"replace it, or rerun that run's exact command to resume it")
+            raise ValueError(
+                f"output: {output} holds another run's result; pass --overwrite to "
+                f"replace it, or rerun that run's exact command to resume it"
+            )
         shutil.rmtree(output)
     if not output.parent.is_dir():
         raise ValueError(f"output: folder {output.parent} does not exist")
@@ -273,9 +317,17 @@ def _ngff_axes(axes: str) -> list[dict]:
 
 
 def _multiscale(name: str, axes: list[dict]) -> dict:
-    return {"version": "0.4", "name": name, "axes": axes,
-            "datasets": [{"path": "0", "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0] * len(axes)}]}]}
+    return {
+        "version": "0.4",
+        "name": name,
+        "axes": axes,
+        "datasets": [
+            {
+                "path": "0",
+                "coordinateTransformations": [{"type": "scale", "scale": [1.0] * len(axes)}],
+            }
+        ],
+    }
 
 
 def _store_record(output: Path) -> dict:
@@ -299,8 +351,13 @@ def _done_folder(output: Path) -> Path:
     return output / _WORK / "done"
 
 
-def segment_on_cluster(job: ClusterJob, client, *, overwrite: bool = False,
-                       should_stop: Callable[[], bool] | None = None) -> Iterator[ClusterEvent]:
+def segment_on_cluster(
+    job: ClusterJob,
+    client,
+    *,
+    overwrite: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[ClusterEvent]:
     """Run ``job`` on the Dask cluster of ``client``; a generator of :class:`ClusterEvent`.
 
     The store is prepared (created, or found for resuming) when this is called, before any
@@ -325,20 +382,25 @@ def _run(job, client, skipped, should_stop) -> Iterator[ClusterEvent]:
     blocks, output = job.blocks(), Path(job.output)
     total = len(blocks)
     if _complete(output):
-        yield ClusterEvent("done", total, total, skipped=total, objects=_store_record(output).get("objects"))
+        yield ClusterEvent(
+            "done", total, total, skipped=total, objects=_store_record(output).get("objects")
+        )
         return
     done_names = {p.stem for p in _done_folder(output).glob("*.npz")}
     todo = [b for b in blocks if b.name not in done_names]
     done = total - len(todo)
     yield ClusterEvent("blocks", done, total, skipped=done)
-    run = uuid.uuid4().hex[:8]   # task names of this run (a cancelled run's may linger)
-    stats = {lead: client.submit(_plane_stats, job, lead, key=f"stats-{'_'.join(map(str, lead))}-{run}")
-             for lead in dict.fromkeys(b.lead for b in todo)}
-    futures = [client.submit(_block_task, job, b, stats[b.lead], key=f"block-{b.name}-{run}")
-               for b in todo]
+    run = uuid.uuid4().hex[:8]  # task names of this run (a cancelled run's may linger)
+    stats = {
+        lead: client.submit(_plane_stats, job, lead, key=f"stats-{'_'.join(map(str, lead))}-{run}")
+        for lead in dict.fromkeys(b.lead for b in todo)
+    }
+    futures = [
+        client.submit(_block_task, job, b, stats[b.lead], key=f"block-{b.name}-{run}") for b in todo
+    ]
     finished = _as_completed(client, futures)
     for future in finished:
-        future.result()   # a block that failed on every retry raises here
+        future.result()  # a block that failed on every retry raises here
         done += 1
         if should_stop():
             _cancel_and_settle(client, futures + list(stats.values()))
@@ -366,8 +428,9 @@ class InProcess:
         from concurrent.futures import Future
 
         # Futures given as arguments (a plane's statistics) are waited for, as Dask would.
-        return self.pool.submit(lambda: function(*(a.result() if isinstance(a, Future) else a
-                                                   for a in args)))
+        return self.pool.submit(
+            lambda: function(*(a.result() if isinstance(a, Future) else a for a in args))
+        )
 
     def gather(self, futures):
         return [future.result() for future in futures]
@@ -438,7 +501,7 @@ def _worker_image(job: ClusterJob):
 
 
 def _worker_device(device: str) -> str:
-    """"auto" on a worker: its GPU when it has one; workers of one machine share its GPUs by
+    """ "auto" on a worker: its GPU when it has one; workers of one machine share its GPUs by
     their names (a LocalCluster names them 0..N-1)."""
     if device != "auto":
         return device
@@ -488,20 +551,29 @@ def _block_task(job: ClusterJob, block: Block, stats) -> int:
     from .io import release_mapped_pages
 
     marker = _marker(job, block)
-    if marker.exists():   # a retried task whose first run finished
+    if marker.exists():  # a retried task whose first run finished
         return int(np.load(marker)["count"])
     # A lazy input is read here, in this task: never as new tasks on the cluster.
     with dask.config.set(scheduler="synchronous"):
         local, probability, sizes = _segmented_block(job, block, stats)
-    release_mapped_pages(_worker_image(job).data)   # a memmapped input's pages: not this worker's memory
+    release_mapped_pages(
+        _worker_image(job).data
+    )  # a memmapped input's pages: not this worker's memory
     where = block.lead + block.box
     _store_array(job, f"{_WORK}/local")[where] = local
     if job.probabilities:
         _store_array(job, "0")[where] = probability
     # The record holds what the merge needs (sizes, border rows and columns), so the merge
     # never reads the blocks' labels back; written last and atomically: it marks the block done.
-    _write_npz(marker, count=len(sizes), sizes=sizes, top=local[0], bottom=local[-1],
-               left=local[:, 0], right=local[:, -1])
+    _write_npz(
+        marker,
+        count=len(sizes),
+        sizes=sizes,
+        top=local[0],
+        bottom=local[-1],
+        left=local[:, 0],
+        right=local[:, -1],
+    )
     return len(sizes)
 
 
@@ -514,11 +586,22 @@ def _segmented_block(job: ClusterJob, block: Block, stats):
     from scipy import ndimage
 
     from .predict import PlaneView, predict
+
     view = PlaneView(_worker_image(job).data, block.lead, job.channel_axis)
     probability = np.zeros(tuple(s.stop - s.start for s in block.box), np.float32)
-    for _ in predict(_worker_model(job), view, probability, channel_axis=0, region=block.box,
-                     normalization=_KnownStats(stats), tile=job.tile, batch=job.batch,
-                     device=_worker_device(job.device), precision=job.precision, compile=False):
+    for _ in predict(
+        _worker_model(job),
+        view,
+        probability,
+        channel_axis=0,
+        region=block.box,
+        normalization=_KnownStats(stats),  # type: ignore[arg-type]  # plane_stats duck type
+        tile=job.tile,
+        batch=job.batch,
+        device=_worker_device(job.device),
+        precision=job.precision,
+        compile=False,
+    ):
         pass
     foreground = probability > job.threshold
     local = np.zeros(probability.shape, np.uint32)
@@ -544,6 +627,7 @@ def _write_npz(path: Path, **arrays) -> None:
 
 # ---- merge -------------------------------------------------------------------------------
 
+
 def _merge(job: ClusterJob, client) -> int:
     """Global ids, the way dask-image merges block labels: block ids offset to be unique, an
     adjacency graph of the ids that touch across block faces (8-connected, within a plane;
@@ -558,22 +642,37 @@ def _merge(job: ClusterJob, client) -> int:
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     total = int(offsets[-1])
     per_plane = len(blocks) // max(1, int(np.prod(job.leading, dtype=np.int64)))
-    edges = client.gather([client.submit(_plane_edges, job, blocks[i:i + per_plane],
-                                         offsets[i:i + per_plane], pure=False)
-                           for i in range(0, len(blocks), per_plane)])
+    edges = client.gather(
+        [
+            client.submit(
+                _plane_edges, job, blocks[i : i + per_plane], offsets[i : i + per_plane], pure=False
+            )
+            for i in range(0, len(blocks), per_plane)
+        ]
+    )
     pairs = np.concatenate([np.empty((2, 0), np.int64), *edges], axis=1)
-    graph = coo_matrix((np.ones(pairs.shape[1], np.int8), (pairs[0], pairs[1])), shape=(total + 1,) * 2)
+    graph = coo_matrix(
+        (np.ones(pairs.shape[1], np.int8), (pairs[0], pairs[1])), shape=(total + 1,) * 2
+    )
     _, components = connected_components(graph, directed=False)
     merged_sizes = np.bincount(components, weights=np.concatenate([[0], sizes]))
     keep = merged_sizes >= max(job.min_size, 1)
-    keep[components[0]] = False   # node 0 is the background
+    keep[components[0]] = False  # node 0 is the background
     renumber = np.zeros(len(merged_sizes), np.uint32)
     renumber[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.uint32)
     table = renumber[components]
-    client.gather([client.submit(_relabel_block, job, block,
-                                 np.concatenate([[0], table[offsets[i] + 1:offsets[i + 1] + 1]]),
-                                 pure=False)
-                   for i, block in enumerate(blocks)])
+    client.gather(
+        [
+            client.submit(
+                _relabel_block,
+                job,
+                block,
+                np.concatenate([[0], table[offsets[i] + 1 : offsets[i + 1] + 1]]),
+                pure=False,
+            )
+            for i, block in enumerate(blocks)
+        ]
+    )
     objects = int(keep.sum())
     _finish(Path(job.output), objects)
     return objects
@@ -596,19 +695,24 @@ def _plane_edges(job: ClusterJob, blocks: list[Block], offsets: np.ndarray) -> n
         with np.load(_marker(job, block)) as record:
             strips[block.box[0].start, block.box[1].start] = {
                 side: np.where(record[side] > 0, record[side].astype(np.int64) + offset, 0)
-                for side in ("top", "bottom", "left", "right")}
+                for side in ("top", "bottom", "left", "right")
+            }
     by, bx = job.block
     found = [np.empty((2, 0), np.int64)]
     for (y, x), strip in strips.items():
-        right, below, corner = strips.get((y, x + bx)), strips.get((y + by, x)), strips.get((y + by, x + bx))
+        right, below, corner = (
+            strips.get((y, x + bx)),
+            strips.get((y + by, x)),
+            strips.get((y + by, x + bx)),
+        )
         if right is not None:
             found.append(_face_pairs(strip["right"], right["left"]))
         if below is not None:
             found.append(_face_pairs(strip["bottom"], below["top"]))
-        if corner is not None:   # 8-connectivity: the diagonal neighbour shares one corner
+        if corner is not None:  # 8-connectivity: the diagonal neighbour shares one corner
             found.append(_face_pairs(strip["bottom"][-1:], corner["top"][:1]))
         before = strips.get((y + by, x - bx))
-        if before is not None:   # and the anti-diagonal one
+        if before is not None:  # and the anti-diagonal one
             found.append(_face_pairs(strip["bottom"][:1], before["top"][-1:]))
     return np.unique(np.concatenate(found, axis=1), axis=1)
 
@@ -633,7 +737,7 @@ def _finish(output: Path, objects: int) -> None:
     import zarr
 
     root = zarr.open_group(str(output), mode="r+", zarr_format=2)
-    record = dict(root.attrs[RECORD])
+    record: dict = dict(root.attrs[RECORD])  # type: ignore[arg-type]  # our JSON object
     root.attrs[RECORD] = {**record, "complete": True, "objects": objects}
     shutil.rmtree(output / _WORK, ignore_errors=True)
 

@@ -7,16 +7,20 @@ metadata and are reordered (lazily) so that Y and X are the last two axes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 CHANNEL_AXES = "CS"
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _BIGTIFF_BYTES = 2**32 - 2**25
-_COMPRESS_THREADS = max(1, min(4, os.cpu_count() or 1))  # classic TIFF offsets are 32-bit; leave room for headers
+_COMPRESS_THREADS = max(
+    1, min(4, os.cpu_count() or 1)
+)  # classic TIFF offsets are 32-bit; leave room for headers
 
 
 @dataclass
@@ -33,7 +37,7 @@ class LazyImage:
         Index of the channel axis ('C' or RGB samples 'S') in ``data``.
     """
 
-    data: object
+    data: Any
     axes: str
     channel_axis: int | None
 
@@ -89,10 +93,7 @@ def read_tiff(path, name: str = "input", series: int | None = None) -> LazyImage
         if isinstance(error, ValueError) and str(error).startswith(f"{name}:"):
             raise
         raise ValueError(f"{name}: TIFF file is truncated or damaged: {path} ({error})") from None
-    if contiguous:
-        data = tifffile.memmap(path, series=index, mode="r")
-    else:
-        data = _zarr_view(path, index)
+    data = tifffile.memmap(path, series=index, mode="r") if contiguous else _zarr_view(path, index)
     return _yx_last(data.reshape(shape) if data.shape != shape else data, axes, path, name)
 
 
@@ -116,14 +117,19 @@ def open_image(path, name: str = "input", series: int | None = None) -> LazyImag
         raise ValueError(f"{name}: {path} is not a readable zarr store ({error})") from None
     axes = None
     if isinstance(node, zarr.Group):
-        multiscales = node.attrs.get("multiscales")
+        multiscales: Any = node.attrs.get("multiscales")  # NGFF JSON
         if not multiscales:
-            raise ValueError(f"{name}: {path} is a zarr group without OME-NGFF 'multiscales' "
-                             f"metadata; give the path of an array or an image")
+            raise ValueError(
+                f"{name}: {path} is a zarr group without OME-NGFF 'multiscales' "
+                f"metadata; give the path of an array or an image"
+            )
         image = multiscales[0]
         node = node[image["datasets"][0]["path"]]
-        axes = "".join("C" if a.get("type") == "channel" else a["name"][0].upper()
-                       for a in image.get("axes", []))
+        axes = "".join(
+            "C" if a.get("type") == "channel" else a["name"][0].upper()
+            for a in image.get("axes", [])
+        )
+    assert isinstance(node, zarr.Array)  # a group resolved to its image above
     if axes is None or len(axes) != node.ndim:
         axes = "Q" * (node.ndim - 2) + "YX"
     return _yx_last(da.from_zarr(node), axes, path, name)
@@ -149,12 +155,18 @@ def _series_index(all_series, series, path, name) -> int:
     count = len(all_series)
     if series is None:
         if count > 1:
-            shapes = ", ".join(f"{i}: {tuple(s.shape)} {s.axes}" for i, s in enumerate(all_series[:6]))
-            raise ValueError(f"{name}: {path} holds {count} image series ({shapes}"
-                             f"{', ...' if count > 6 else ''}); choose one with --series N")
+            shapes = ", ".join(
+                f"{i}: {tuple(s.shape)} {s.axes}" for i, s in enumerate(all_series[:6])
+            )
+            raise ValueError(
+                f"{name}: {path} holds {count} image series ({shapes}"
+                f"{', ...' if count > 6 else ''}); choose one with --series N"
+            )
         return 0
     if isinstance(series, bool) or not isinstance(series, int) or not 0 <= series < count:
-        raise ValueError(f"series: expected an index in [0, {count - 1}] for {path}, got {series!r}")
+        raise ValueError(
+            f"series: expected an index in [0, {count - 1}] for {path}, got {series!r}"
+        )
     return series
 
 
@@ -170,7 +182,9 @@ def _zarr_view(path, series: int = 0):
 
 def _yx_last(data, axes: str, path, name) -> LazyImage:
     if "Y" not in axes or "X" not in axes:
-        raise ValueError(f"{name}: expected an image with Y and X axes, got axes {axes!r} in {path}")
+        raise ValueError(
+            f"{name}: expected an image with Y and X axes, got axes {axes!r} in {path}"
+        )
     order = [i for i, a in enumerate(axes) if a not in "YX"] + [axes.index("Y"), axes.index("X")]
     if order != list(range(len(axes))):
         data = data.transpose(order)
@@ -237,7 +251,7 @@ def remove_stale_partials(path) -> list[Path]:
     path = Path(path)
     removed = []
     for stale in path.parent.glob(f".{path.name}.*.partial"):
-        parts = stale.name[len(path.name) + 2:].split(".")
+        parts = stale.name[len(path.name) + 2 :].split(".")
         if not parts[0].isdigit() or _alive(int(parts[0])):
             continue
         stale.unlink(missing_ok=True)
@@ -250,7 +264,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:   # someone else's process
+    except PermissionError:  # someone else's process
         return True
     return True
 
@@ -265,7 +279,9 @@ class _TiffTarget:
         self.shape = tuple(int(n) for n in shape)
         self.dtype, self.axes, self.compress = np.dtype(dtype), axes, compress
         # pid + random: two runs never share a temporary file, even with recycled pids
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+        self.tmp = self.path.with_name(
+            f".{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial"
+        )
         remove_stale_partials(self.path)
 
     def write(self, planes) -> None:
@@ -286,12 +302,16 @@ class _TiffTarget:
         nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
         with tifffile.TiffWriter(self.tmp, bigtiff=nbytes >= _BIGTIFF_BYTES) as writer:
             writer.write(
-                data, shape=self.shape, dtype=self.dtype, photometric="minisblack",
+                data,
+                shape=self.shape,
+                dtype=self.dtype,
+                photometric="minisblack",
                 metadata={"axes": self.axes} if self.axes else {},
                 compression="zlib" if self.compress else None,
-                compressionargs={"level": 1} if self.compress else None, **layout,
+                compressionargs={"level": 1} if self.compress else None,
+                **layout,
             )
-        with open(self.tmp, "rb+") as handle:   # on disk before it takes the name
+        with open(self.tmp, "rb+") as handle:  # on disk before it takes the name
             os.fsync(handle.fileno())
 
     def commit(self, replace: bool = True) -> None:
@@ -304,9 +324,11 @@ class _TiffTarget:
         try:
             os.link(self.tmp, self.path)
         except FileExistsError:
-            raise FileExistsError(f"{self.path} appeared during the run and was kept; the result "
-                                  f"was not written (pass --overwrite to replace it)") from None
-        except OSError:   # no hard links on this file system: check, then rename
+            raise FileExistsError(
+                f"{self.path} appeared during the run and was kept; the result "
+                f"was not written (pass --overwrite to replace it)"
+            ) from None
+        except OSError:  # no hard links on this file system: check, then rename
             if self.path.exists():
                 raise FileExistsError(f"{self.path} appeared during the run and was kept") from None
             os.replace(self.tmp, self.path)
@@ -321,7 +343,9 @@ def _checked_planes(planes, plane_shape, dtype, expected):
     for plane in planes:
         plane = np.asarray(plane)
         if plane.shape != tuple(plane_shape):
-            raise ValueError(f"plane {count}: expected shape {tuple(plane_shape)}, got {plane.shape}")
+            raise ValueError(
+                f"plane {count}: expected shape {tuple(plane_shape)}, got {plane.shape}"
+            )
         yield plane.astype(dtype, copy=False)
         count += 1
     if count > expected:
@@ -376,7 +400,7 @@ class TiffStreams:
         self.overwrite = overwrite
         self.writers = [_StreamWriter(_TiffTarget(*target)) for target in targets]
 
-    def __enter__(self) -> "TiffStreams":
+    def __enter__(self) -> TiffStreams:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -395,8 +419,10 @@ class TiffStreams:
         if not self.overwrite:
             for writer in self.writers:
                 if writer.target.path.exists():
-                    raise FileExistsError(f"{writer.target.path} appeared during the run and was "
-                                          f"kept; nothing was written (pass --overwrite)")
+                    raise FileExistsError(
+                        f"{writer.target.path} appeared during the run and was "
+                        f"kept; nothing was written (pass --overwrite)"
+                    )
         for writer in self.writers:
             writer.target.commit(replace=self.overwrite)
         return [writer.target.path for writer in self.writers]
@@ -428,8 +454,10 @@ def write_tiff_tiled(targets, overwrite: bool = True) -> list[Path]:
         if not overwrite:
             for target in written:
                 if target.path.exists():
-                    raise FileExistsError(f"{target.path} appeared during the run and was kept; "
-                                          f"nothing was written (pass --overwrite)")
+                    raise FileExistsError(
+                        f"{target.path} appeared during the run and was kept; "
+                        f"nothing was written (pass --overwrite)"
+                    )
         for target in written:
             target.commit(replace=overwrite)
     finally:
@@ -463,7 +491,9 @@ class _StreamWriter:
         self.target = target
         self.handoff: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True, name=f"write {target.path.name}")
+        self.thread = threading.Thread(
+            target=self._run, daemon=True, name=f"write {target.path.name}"
+        )
         self.thread.start()
 
     def put(self, plane) -> None:
@@ -493,10 +523,8 @@ class _StreamWriter:
             try:
                 self.handoff.put(_ABORT, timeout=0.05)
             except queue.Full:
-                try:   # make room: the writer may be busy, or already gone
+                with contextlib.suppress(queue.Empty):  # make room: the writer may be busy, or gone
                     self.handoff.get_nowait()
-                except queue.Empty:
-                    pass
             self.thread.join(timeout=0.05)
 
     def _raise_if_failed(self):
@@ -511,7 +539,9 @@ class _StreamWriter:
             self.target.write(planes)
             # tifffile stops pulling once the stack is full: wait for the producer's end too
             for _ in planes:
-                raise ValueError(f"{self.target.path}: more planes than its shape {self.target.shape} holds")
+                raise ValueError(
+                    f"{self.target.path}: more planes than its shape {self.target.shape} holds"
+                )
         except BaseException as error:  # handed to the producer's thread
             self.error = error
         finally:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 
@@ -26,10 +29,14 @@ def measure_plane(labels: np.ndarray, intensity: np.ndarray | None = None) -> di
         intensity = np.asarray(intensity)
         image = np.moveaxis(intensity, 0, -1) if intensity.ndim == 3 else intensity
         if image.shape[:2] != labels.shape:
-            raise ValueError(f"intensity: expected the labels' shape {labels.shape}, got {intensity.shape}")
+            raise ValueError(
+                f"intensity: expected the labels' shape {labels.shape}, got {intensity.shape}"
+            )
         properties.append("intensity_mean")
     table = regionprops_table(np.asarray(labels), intensity_image=image, properties=properties)
-    return {name.replace("intensity_mean", "mean_intensity"): values for name, values in table.items()}
+    return {
+        name.replace("intensity_mean", "mean_intensity"): values for name, values in table.items()
+    }
 
 
 class MeasurementTable:
@@ -50,14 +57,17 @@ class MeasurementTable:
 
     def __init__(self, image, channel_axis: int | None, path=None, keep: bool = False):
         import os
-        from pathlib import Path
 
         self.image, self.channel_axis, self.keep = image, channel_axis, keep
-        self.path = None if path is None else Path(path)
         self.columns: dict[str, list] = {}
-        self._tmp = None if path is None else self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
-        self._handle = None if path is None else open(self._tmp, "w", newline="")
-        self._writer = None
+        self.path: Path | None = None
+        self._tmp: Path | None = None
+        self._handle = None
+        self._writer: Any = None
+        if path is not None:
+            self.path = Path(path)
+            self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+            self._handle = open(self._tmp, "w", newline="")  # noqa: SIM115 (open while planes arrive)
 
     def add(self, index: int, lead: tuple, labels: np.ndarray) -> None:
         """Measure one plane: ``index`` its C-order number, ``lead`` its leading index."""
@@ -85,7 +95,7 @@ class MeasurementTable:
         import os
 
         self.close()
-        if self._tmp is not None:
+        if self._tmp is not None and self.path is not None:
             os.replace(self._tmp, self.path)
 
     def close(self) -> None:

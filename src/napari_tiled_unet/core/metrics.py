@@ -74,7 +74,7 @@ def _overlapping_pairs(predicted, truth):
     """
     p_ids, p = np.unique(predicted, return_inverse=True)
     t_ids, t = np.unique(truth, return_inverse=True)
-    p, t = p.reshape(-1) + (p_ids[0] != 0), t.reshape(-1) + (t_ids[0] != 0)   # 0 = background
+    p, t = p.reshape(-1) + (p_ids[0] != 0), t.reshape(-1) + (t_ids[0] != 0)  # 0 = background
     n_p, n_t = len(p_ids) - (p_ids[0] == 0), len(t_ids) - (t_ids[0] == 0)
     both = (p > 0) & (t > 0)
     keys, overlap = np.unique(p[both].astype(np.int64) * (n_t + 1) + t[both], return_counts=True)
@@ -91,8 +91,8 @@ def touching_pairs(labels: np.ndarray) -> set[tuple[int, int]]:
     pairs: set[tuple[int, int]] = set()
     height, width = labels.shape
     for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
-        a = labels[dy:, max(dx, 0): width + min(dx, 0)]
-        b = labels[: height - dy, max(-dx, 0): width - max(dx, 0)]
+        a = labels[dy:, max(dx, 0) : width + min(dx, 0)]
+        b = labels[: height - dy, max(-dx, 0) : width - max(dx, 0)]
         both = (a > 0) & (b > 0) & (a != b)
         pairs |= {(min(p, q), max(p, q)) for p, q in zip(a[both].tolist(), b[both].tolist())}
     return pairs
@@ -122,9 +122,6 @@ def split_touching_pairs(predicted: np.ndarray, truth: np.ndarray) -> tuple[int,
 def median_diameter(label_planes) -> float:
     """Median equivalent diameter ``sqrt(4 area / pi)`` in pixels of the objects in
     ``label_planes`` (each shape (Y, X), 0 = background); 0.0 when there are none."""
-    areas = []
-    for labels in label_planes:
-        _, counts = np.unique(labels[labels > 0], return_counts=True)
-        areas.append(counts)
-    areas = np.concatenate(areas) if areas else np.zeros(0)
+    counts = [np.unique(labels[labels > 0], return_counts=True)[1] for labels in label_planes]
+    areas = np.concatenate(counts) if counts else np.zeros(0)
     return float(np.sqrt(4 * np.median(areas) / np.pi)) if areas.size else 0.0

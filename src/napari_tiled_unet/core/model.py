@@ -19,6 +19,7 @@ from .normalize import Normalization
 
 __all__ = ["NORMS", "PADDINGS", "UNet", "UNetConfig"]
 
+
 @dataclass
 class ModelRecord:
     """What a model declares beside its architecture (``UNet.config``) and weights; saved in

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from .config import UNetConfig
@@ -22,8 +21,9 @@ if TYPE_CHECKING:
 FORMAT = "napari-tiled-unet/1"
 
 
-def save_model(model: UNet, path, *, normalization: Normalization | None = None,
-               metadata: dict | None = None) -> Path:
+def save_model(
+    model: UNet, path, *, normalization: Normalization | None = None, metadata: dict | None = None
+) -> Path:
     """Write ``model`` to ``path`` atomically.
 
     Parameters
@@ -55,8 +55,10 @@ def save_model(model: UNet, path, *, normalization: Normalization | None = None,
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         save_file(tensors, str(tmp), metadata=header)
-        os.chmod(tmp, 0o666 & ~_umask())   # safetensors creates owner-only files; share like any file
-        _fsync(tmp)   # on disk before it takes the name: a crash leaves the old model or the new
+        os.chmod(
+            tmp, 0o666 & ~_umask()
+        )  # safetensors creates owner-only files; share like any file
+        _fsync(tmp)  # on disk before it takes the name: a crash leaves the old model or the new
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -107,17 +109,23 @@ def _parsed_header(header: dict, path) -> dict:
         try:
             value = json.loads(text)
         except (ValueError, RecursionError) as error:
-            raise ValueError(f"model: the {key!r} entry in the header of {path} is not valid "
-                             f"JSON ({type(error).__name__})") from None
+            raise ValueError(
+                f"model: the {key!r} entry in the header of {path} is not valid "
+                f"JSON ({type(error).__name__})"
+            ) from None
         if not isinstance(value, dict):
-            raise ValueError(f"model: the {key!r} entry in the header of {path} must be an "
-                             f"object, got {type(value).__name__}")
+            raise ValueError(
+                f"model: the {key!r} entry in the header of {path} must be an "
+                f"object, got {type(value).__name__}"
+            )
         parsed[key] = value
     try:
         UNetConfig.from_dict(parsed["config"])
         Normalization.from_dict(parsed["normalization"])
     except (TypeError, ValueError) as error:
-        raise ValueError(f"model: the header of {path} describes no valid model ({error})") from None
+        raise ValueError(
+            f"model: the header of {path} describes no valid model ({error})"
+        ) from None
     return parsed
 
 
@@ -127,7 +135,7 @@ def tensor_shapes(path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as handle:
-        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
 
 
 def check_weights_match(config: UNetConfig, shapes: dict, path) -> None:
@@ -166,15 +174,18 @@ def load_model(path) -> UNet:
 
     header = read_header(path)
     config = UNetConfig.from_dict(header["config"])
-    check_weights_match(config, tensor_shapes(path), path)   # before anything is allocated
+    check_weights_match(config, tensor_shapes(path), path)  # before anything is allocated
     model = UNet(config)
     try:
         weights = load_file(str(path))
         model.load_state_dict(weights, strict=True)
     except RuntimeError as error:
         raise ValueError(f"model: weights in {path} do not match its config: {error}") from None
-    bad = [name for name, tensor in weights.items()
-           if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    bad = [
+        name
+        for name, tensor in weights.items()
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all())
+    ]
     if bad:
         raise ValueError(f"model: {path} holds NaN or infinite weights (in {', '.join(bad[:3])})")
     model.normalization = Normalization.from_dict(header["normalization"])

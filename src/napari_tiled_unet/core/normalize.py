@@ -66,7 +66,10 @@ class Normalization:
         spread = high - low
         # A constant channel keeps its values rather than being divided by zero.
         scale = np.where(spread > 0, 1.0 / np.where(spread > 0, spread, 1.0), 1.0)
-        return (low.reshape(-1, 1, 1).astype(np.float32), scale.reshape(-1, 1, 1).astype(np.float32))
+        return (
+            low.reshape(-1, 1, 1).astype(np.float32),
+            scale.reshape(-1, 1, 1).astype(np.float32),
+        )
 
 
 _SAMPLE_ROWS = 64
@@ -80,7 +83,9 @@ def _strided_sample(plane, step: int) -> np.ndarray:
     parts = []
     for start in range(0, plane.shape[1], step * _SAMPLE_ROWS):
         # a copy: a memmap view would only be read later, after its pages were dropped
-        parts.append(np.array(plane[:, start : start + step * _SAMPLE_ROWS : step, ::step], copy=True))
+        parts.append(
+            np.array(plane[:, start : start + step * _SAMPLE_ROWS : step, ::step], copy=True)
+        )
         if hasattr(plane, "release_pages"):
             plane.release_pages()
     return np.concatenate(parts, axis=1)
@@ -100,6 +105,9 @@ def _percentiles(values: np.ndarray, percents) -> np.ndarray:
         upper = np.searchsorted(counts, above, side="right") + low
         fraction = position - below
         # numpy's lerp: from the nearer end, so the two agree to the last bit or two
-        return np.where(fraction >= 0.5, upper - (upper - lower) * (1 - fraction),
-                        lower + (upper - lower) * fraction)
+        return np.where(
+            fraction >= 0.5,
+            upper - (upper - lower) * (1 - fraction),
+            lower + (upper - lower) * fraction,
+        )
     return np.percentile(values.astype(np.float64), percents)

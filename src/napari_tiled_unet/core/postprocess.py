@@ -46,7 +46,9 @@ def label_plane(probability: np.ndarray, threshold: float = 0.5, min_size: int =
 FOREGROUND_LEVEL = 0.5
 
 
-def label_boundary_plane(classes: np.ndarray, threshold: float = 0.5, min_size: int = 0) -> np.ndarray:
+def label_boundary_plane(
+    classes: np.ndarray, threshold: float = 0.5, min_size: int = 0
+) -> np.ndarray:
     """Instance labels of one plane of a 3-class (background / interior / boundary) output.
 
     Seeds are 8-connected components of ``interior > threshold``; the watershed of the inverted
@@ -73,33 +75,89 @@ def label_boundary_plane(classes: np.ndarray, threshold: float = 0.5, min_size: 
         raise ValueError(f"classes: expected shape (3, Y, X), got {classes.shape}")
     interior = classes[1].astype(np.float32, copy=False)
     foreground = (1.0 - classes[0]) > FOREGROUND_LEVEL
-    seeds, count = ndimage.label((interior > threshold) & foreground, structure=np.ones((3, 3), bool))
+    seeds, count = ndimage.label(
+        (interior > threshold) & foreground, structure=np.ones((3, 3), bool)
+    )
     if count == 0:
         return np.zeros(interior.shape, np.uint32)
     labels = watershed(-interior, seeds, mask=foreground).astype(np.uint32, copy=False)
     return _without_small(labels, count, min_size, labels > 0)
 
 
-def decode_plane(maps: np.ndarray, threshold: float = 0.5, min_size: int = 0) -> np.ndarray:
-    """Instance labels of one plane, by the decoder that fits the maps given.
+def label_distance_plane(maps: np.ndarray, threshold: float = 0.5, min_size: int = 0) -> np.ndarray:
+    """Instance labels of one plane of a distance-mode output.
+
+    Seeds are 8-connected components of ``distance > threshold`` (the centres of objects, where
+    the scaled distance to the object's edge is high); the watershed of the inverted distance
+    grows them over the pixels whose foreground probability exceeds 0.5. Objects smaller than
+    ``min_size`` pixels are removed; ids are 1..N in raster order of the seeds.
+
+    Parameters
+    ----------
+    maps : numpy.ndarray, shape (3, Y, X)
+        Background and foreground probability, then the distance map in [0, 1].
+    threshold : float
+    min_size : int
+
+    Returns
+    -------
+    numpy.ndarray, shape (Y, X), uint32
+    """
+    from scipy import ndimage
+    from skimage.segmentation import watershed
+
+    maps = np.asarray(maps)
+    if maps.ndim != 3 or maps.shape[0] != 3:
+        raise ValueError(f"maps: expected shape (3, Y, X), got {maps.shape}")
+    distance = maps[2].astype(np.float32, copy=False)
+    foreground = maps[1] > FOREGROUND_LEVEL
+    seeds, count = ndimage.label(
+        (distance > threshold) & foreground, structure=np.ones((3, 3), bool)
+    )
+    if count == 0:
+        return np.zeros(distance.shape, np.uint32)
+    labels = watershed(-distance, seeds, mask=foreground).astype(np.uint32, copy=False)
+    return _without_small(labels, count, min_size, labels > 0)
+
+
+DECODERS = {
+    "paper": label_plane,
+    "boundary": label_boundary_plane,
+    "distance": label_distance_plane,
+}
+
+
+def decode_plane(
+    maps: np.ndarray, threshold: float = 0.5, min_size: int = 0, mode: str | None = None
+) -> np.ndarray:
+    """Instance labels of one plane, by the decoder of the model's output mode.
 
     Parameters
     ----------
     maps : numpy.ndarray
         Shape (Y, X): foreground probability (paper mode, :func:`label_plane`).
-        Shape (3, Y, X): class probabilities (boundary mode, :func:`label_boundary_plane`).
+        Shape (3, Y, X): class probabilities (boundary mode, :func:`label_boundary_plane`) or
+        background, foreground and distance (distance mode, :func:`label_distance_plane`).
+    threshold : float
+    min_size : int
+    mode : {None, "paper", "boundary", "distance"}
+        ``UNetConfig.output_mode``; None: paper for (Y, X) maps, boundary for (3, Y, X).
 
     Returns
     -------
     numpy.ndarray, shape (Y, X), uint32
     """
     maps = np.asarray(maps)
-    if maps.ndim == 2:
-        return label_plane(maps, threshold, min_size)
-    return label_boundary_plane(maps, threshold, min_size)
+    if mode is None:
+        mode = "paper" if maps.ndim == 2 else "boundary"
+    if mode not in DECODERS:
+        raise ValueError(f"mode: expected one of {sorted(DECODERS)}, got {mode!r}")
+    return DECODERS[mode](maps, threshold, min_size)
 
 
-def _without_small(labels: np.ndarray, count: int, min_size: int, foreground: np.ndarray) -> np.ndarray:
+def _without_small(
+    labels: np.ndarray, count: int, min_size: int, foreground: np.ndarray
+) -> np.ndarray:
     """Remove objects under ``min_size`` px from uint32 ``labels`` (in place) and renumber the
     rest 1..N in order; only foreground pixels are touched (a fraction of a plane)."""
     if min_size <= 1 or not count:
@@ -116,7 +174,9 @@ def _without_small(labels: np.ndarray, count: int, min_size: int, foreground: np
     return labels
 
 
-def instance_labels(probability: np.ndarray, threshold: float = 0.5, min_size: int = 0) -> np.ndarray:
+def instance_labels(
+    probability: np.ndarray, threshold: float = 0.5, min_size: int = 0
+) -> np.ndarray:
     """Label every (Y, X) plane of ``probability`` separately (ids restart at 1 in each plane).
 
     Parameters
@@ -146,7 +206,11 @@ def postprocess_options(metadata: dict | None, threshold=None, min_size=None) ->
 
 def check_postprocess_options(threshold, min_size) -> None:
     """Raise ValueError unless 0 <= threshold < 1 and min_size is a non-negative integer."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold < 1:
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not 0 <= threshold < 1
+    ):
         raise ValueError(f"threshold: expected a number in [0, 1), got {threshold!r}")
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
         raise ValueError(f"min_size: expected a non-negative integer, got {min_size!r}")
@@ -156,7 +220,9 @@ THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_SIZES = (0, 5, 10, 15, 25, 40, 60, 90)
 
 
-def choose_postprocess(probabilities, truths, thresholds=THRESHOLDS, min_sizes=MIN_SIZES) -> dict:
+def choose_postprocess(
+    probabilities, truths, thresholds=THRESHOLDS, min_sizes=MIN_SIZES, mode: str | None = None
+) -> dict:
     """The threshold and minimum object size with the best mean AP@0.5 over annotated planes.
 
     Parameters
@@ -168,6 +234,8 @@ def choose_postprocess(probabilities, truths, thresholds=THRESHOLDS, min_sizes=M
         Instance labels of each plane (0 = background).
     thresholds, min_sizes : sequences
         The grid searched.
+    mode : str, optional
+        The model's output mode (:func:`decode_plane`).
 
     Returns
     -------
@@ -177,16 +245,24 @@ def choose_postprocess(probabilities, truths, thresholds=THRESHOLDS, min_sizes=M
     """
     from .metrics import match_objects
 
-    best = None
+    best: dict | None = None
     for threshold in thresholds:
         for min_size in min_sizes:
             check_postprocess_options(threshold, min_size)
-            scores = [match_objects(decode_plane(p, threshold, min_size), t, 0.5).ap
-                      for p, t in zip(probabilities, truths)]
+            scores = [
+                match_objects(decode_plane(p, threshold, min_size, mode), t, 0.5).ap
+                for p, t in zip(probabilities, truths)
+            ]
             score = float(np.mean(scores))
             if best is None or score > best["ap50"]:
-                best = {"threshold": threshold, "min_size": min_size, "ap50": score,
-                        "planes": len(scores)}
+                best = {
+                    "threshold": threshold,
+                    "min_size": min_size,
+                    "ap50": score,
+                    "planes": len(scores),
+                }
+    if best is None:
+        raise ValueError("thresholds, min_sizes: expected non-empty grids")
     return best
 
 
@@ -203,7 +279,11 @@ class ZLinker:
     """
 
     def __init__(self, min_iou: float):
-        if isinstance(min_iou, bool) or not isinstance(min_iou, (int, float)) or not 0 < min_iou <= 1:
+        if (
+            isinstance(min_iou, bool)
+            or not isinstance(min_iou, (int, float))
+            or not 0 < min_iou <= 1
+        ):
             raise ValueError(f"link_z: expected an IoU in (0, 1], got {min_iou!r}")
         self.min_iou = float(min_iou)
         self.previous: np.ndarray | None = None
@@ -231,12 +311,20 @@ class ZLinker:
 
     def _matches(self, labels):
         both = (labels > 0) & (self.previous > 0)
-        pairs, overlap = np.unique(np.stack([labels[both].astype(np.uint64), self.previous[both]]),
-                                   axis=1, return_counts=True)
+        pairs, overlap = np.unique(
+            np.stack([labels[both].astype(np.uint64), self.previous[both]]),
+            axis=1,
+            return_counts=True,
+        )
         current_ids, current_area = np.unique(labels[labels > 0], return_counts=True)
-        previous_ids, previous_area = np.unique(self.previous[self.previous > 0], return_counts=True)
-        union = (current_area[np.searchsorted(current_ids, pairs[0])]
-                 + previous_area[np.searchsorted(previous_ids, pairs[1])] - overlap)
+        previous_ids, previous_area = np.unique(
+            self.previous[self.previous > 0], return_counts=True
+        )
+        union = (
+            current_area[np.searchsorted(current_ids, pairs[0])]
+            + previous_area[np.searchsorted(previous_ids, pairs[1])]
+            - overlap
+        )
         iou = overlap / union
         used_current, used_previous = set(), set()
         for index in np.argsort(-iou, kind="stable"):

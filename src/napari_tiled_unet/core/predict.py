@@ -11,9 +11,10 @@ out-of-memory error.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -118,8 +119,19 @@ def predict(
     generator of Progress
     """
     job = _Job.checked(
-        model, image, out, channel_axis, output, tile, batch, device, precision,
-        normalization, should_stop, compile, region,
+        model,
+        image,
+        out,
+        channel_axis,
+        output,
+        tile,
+        batch,
+        device,
+        precision,
+        normalization,
+        should_stop,
+        compile,
+        region,
     )
     return job.run()
 
@@ -180,8 +192,14 @@ def resolve_device(device: str):
 def _normalised_axis(axis, ndim):
     if axis is None:
         return None
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -ndim <= axis < ndim:
-        raise ValueError(f"channel_axis: expected an axis index in [{-ndim}, {ndim - 1}], got {axis!r}")
+    if (
+        isinstance(axis, bool)
+        or not isinstance(axis, (int, np.integer))
+        or not -ndim <= axis < ndim
+    ):
+        raise ValueError(
+            f"channel_axis: expected an axis index in [{-ndim}, {ndim - 1}], got {axis!r}"
+        )
     return int(axis) % ndim
 
 
@@ -227,8 +245,12 @@ class _TileSource:
     def of(cls, tile: Tile) -> _TileSource:
         y0, y1 = int(tile.rows.min()), int(tile.rows.max()) + 1
         x0, x1 = int(tile.cols.min()), int(tile.cols.max()) + 1
-        return cls(tile, (slice(y0, y1), slice(x0, x1)),
-                   _gather_or_none(tile.rows - y0), _gather_or_none(tile.cols - x0))
+        return cls(
+            tile,
+            (slice(y0, y1), slice(x0, x1)),
+            _gather_or_none(tile.rows - y0),
+            _gather_or_none(tile.cols - x0),
+        )
 
 
 def _gather_or_none(indices: np.ndarray) -> np.ndarray | None:
@@ -239,12 +261,12 @@ def _gather_or_none(indices: np.ndarray) -> np.ndarray | None:
 class _Item:
     """One tile on its way through the pipeline."""
 
-    index: int               # plane number (C order)
+    index: int  # plane number (C order)
     lead: tuple[int, ...]
     source: _TileSource
-    raw: np.ndarray          # (C, h, w) in the input's own dtype: the source box
-    stats: object            # Future of the plane's (offset, scale)
-    ready: object = None     # CPU: the network input (C, H, W), prepared in the reader thread
+    raw: np.ndarray  # (C, h, w) in the input's own dtype: the source box
+    stats: Any  # Future of the plane's (offset, scale)
+    ready: Any = None  # CPU: the network input (C, H, W), prepared in the reader thread
 
 
 class _Reader:
@@ -254,17 +276,26 @@ class _Reader:
     overlap reading with compute; the window bounds memory to a few batches of raw tiles.
     """
 
-    def __init__(self, job: _Job, plan: TilePlan, leads, first_index: int, ahead: int,
-                 prepare: Callable[[_Item], object] | None = None):
+    def __init__(
+        self,
+        job: _Job,
+        plan: TilePlan,
+        leads,
+        first_index: int,
+        ahead: int,
+        prepare: Callable[[_Item], object] | None = None,
+    ):
         from concurrent.futures import ThreadPoolExecutor
 
         self.job, self.ahead, self.prepare = job, ahead, prepare
         self.sources = [_TileSource.of(tile) for tile in plan]
-        self.pool = ThreadPoolExecutor(max_workers=_reader_threads(), thread_name_prefix="tile-reader")
+        self.pool = ThreadPoolExecutor(
+            max_workers=_reader_threads(), thread_name_prefix="tile-reader"
+        )
         self.order = ((index, lead) for index, lead in enumerate(leads, start=first_index))
         self.check_finite = not isinstance(job.image, np.ndarray) and _is_float(job.image.dtype)
 
-    def items(self) -> Iterator[_Item]:
+    def items(self) -> Generator[_Item, None, None]:
         from collections import deque
 
         window: deque = deque()
@@ -290,7 +321,7 @@ class _Reader:
 
     def _read(self, index, lead, view, source: _TileSource, stats) -> _Item:
         raw = np.ascontiguousarray(view[(slice(None),) + source.box])
-        if not raw.flags.writeable:   # a read-only memmap: torch wants memory of its own
+        if not raw.flags.writeable:  # a read-only memmap: torch wants memory of its own
             raw = raw.copy()
         if self.check_finite:
             if not np.isfinite(raw).all():
@@ -311,14 +342,14 @@ def _reader_threads() -> int:
 
 @dataclass
 class _Job:
-    model: object
-    image: object
-    out: object
+    model: Any
+    image: Any
+    out: Any
     channel_axis: int | None
     output: str
-    tile: object
+    tile: Any
     batch: int
-    device: object
+    device: Any
     precision: str
     normalization: Normalization
     should_stop: Callable[[], bool]
@@ -328,8 +359,22 @@ class _Job:
     _complete_planes: int = field(default=0, init=False)
 
     @classmethod
-    def checked(cls, model, image, out, channel_axis, output, tile, batch, device, precision,
-                normalization, should_stop, compile, region=None):
+    def checked(
+        cls,
+        model,
+        image,
+        out,
+        channel_axis,
+        output,
+        tile,
+        batch,
+        device,
+        precision,
+        normalization,
+        should_stop,
+        compile,
+        region=None,
+    ):
         check_image(image)
         channel_axis = _normalised_axis(channel_axis, image.ndim)
         if channel_axis is not None and channel_axis >= image.ndim - 2:
@@ -352,8 +397,21 @@ class _Job:
         precision = _resolve_precision(precision, torch_device)
         compile = _resolve_compile(compile, torch_device)
         norm = normalization or model.normalization
-        return cls(model, image, out, channel_axis, output, tile, int(batch), torch_device,
-                   precision, norm, should_stop or (lambda: False), compile, region)
+        return cls(
+            model,
+            image,
+            out,
+            channel_axis,
+            output,
+            tile,
+            int(batch),
+            torch_device,
+            precision,
+            norm,
+            should_stop or (lambda: False),
+            compile,
+            region,
+        )
 
     @property
     def leads(self) -> list[tuple[int, ...]]:
@@ -365,13 +423,17 @@ class _Job:
 
         self.model.to(self.device).eval()
         leads = self.leads
-        tile = self.tile if self.tile != "auto" else _auto_tile(self.model, self.device,
-                                                                self.precision, self.batch)
+        tile = (
+            self.tile
+            if self.tile != "auto"
+            else _auto_tile(self.model, self.device, self.precision, self.batch)
+        )
         first_incomplete = 0
         with _exact_fp32(self.device, self.precision):
             while True:
-                plan = _balanced_plan(self.image.shape[-2:], tile, self.model, self.tile == "auto",
-                                      self.region)
+                plan = _balanced_plan(
+                    self.image.shape[-2:], tile, self.model, self.tile == "auto", self.region
+                )
                 try:
                     yield from self._run_planes(plan, leads, first_incomplete)
                     return
@@ -382,18 +444,27 @@ class _Job:
 
     def _run_planes(self, plan: TilePlan, leads, start: int) -> Iterator[Progress]:
         per_plane, total = len(plan), len(plan) * len(leads)
-        self._complete_planes, written = start, {}
+        written: dict[int, int] = {}
+        self._complete_planes = start
         done = start * per_plane
-        compile = self.compile if self.compile != "auto" else total >= COMPILE_MIN_TILES
+        compile = total >= COMPILE_MIN_TILES if self.compile == "auto" else bool(self.compile)
         runner = _Runner(self.model, self.device, self.precision, self.output, compile)
-        reader = _Reader(self, plan, leads[start:], start, ahead=2 * self.batch + 2,
-                         prepare=None if runner.cuda else runner.host_input)
+        reader = _Reader(
+            self,
+            plan,
+            leads[start:],
+            start,
+            ahead=2 * self.batch + 2,
+            prepare=None if runner.cuda else runner.host_input,
+        )
         items = reader.items()
         pending = None
         try:
             for batch in _batched(items, self.batch):
                 if self.should_stop():
-                    yield Progress(done, total, plan.input_shape, self._complete_planes, stopped=True)
+                    yield Progress(
+                        done, total, plan.input_shape, self._complete_planes, stopped=True
+                    )
                     return
                 handle = runner.submit(batch)
                 if pending is not None:
@@ -438,6 +509,7 @@ class _Runner:
         self.torch = torch
         self.device = device
         self.output = output
+        self.distance = model.config.output_mode == "distance"
         self.cuda = device.type == "cuda"
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.result_dtype = torch.float32 if self.dtype is None else torch.float16
@@ -461,8 +533,12 @@ class _Runner:
         """The network input of one tile, on the CPU (runs in a reader thread)."""
         offset, scale = item.stats.result()
         torch = self.torch
-        return self._tile_input(item.source, torch.from_numpy(item.raw),
-                                torch.from_numpy(offset), torch.from_numpy(scale))
+        return self._tile_input(
+            item.source,
+            torch.from_numpy(item.raw),
+            torch.from_numpy(offset),
+            torch.from_numpy(scale),
+        )
 
     def _submit_cuda(self, items):
         torch = self.torch
@@ -475,8 +551,9 @@ class _Runner:
             tensor.record_stream(stream)
         inputs = []
         for item, raw in zip(items, uploaded):
-            offset, scale = (torch.from_numpy(a).to(self.device, non_blocking=True)
-                             for a in item.stats.result())
+            offset, scale = (
+                torch.from_numpy(a).to(self.device, non_blocking=True) for a in item.stats.result()
+            )
             inputs.append(self._tile_input(item.source, raw, offset, scale))
         batch = torch.stack(inputs).contiguous(memory_format=torch.channels_last)
         result = self._probabilities(batch)
@@ -511,11 +588,20 @@ class _Runner:
 
     def _probabilities(self, x):
         torch = self.torch
-        with torch.inference_mode(), torch.autocast(
-            self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+            ),
         ):
             logits = self.network(x).float()
-        if logits.shape[1] == 1:
+        if self.distance:
+            # background / foreground softmax, then the distance map through its sigmoid
+            if self.output == "foreground":
+                picked = torch.sub(logits[:, 1], logits[:, 0]).sigmoid_()
+            else:
+                picked = torch.cat([torch.softmax(logits[:, :2], 1), logits[:, 2:3].sigmoid()], 1)
+        elif logits.shape[1] == 1:
             probabilities = torch.sigmoid(logits)
             picked = probabilities[:, 0] if self.output == "foreground" else probabilities
         elif logits.shape[1] == 2 and self.output == "foreground":
@@ -602,8 +688,13 @@ class _ChannelPadded:
         self.model = copy.deepcopy(model)
         first = self.model.down[0][0]
         padded = -first.in_channels % 8
-        conv = torch.nn.Conv2d(first.in_channels + padded, first.out_channels, 3,
-                               padding=first.padding, bias=first.bias is not None)
+        conv = torch.nn.Conv2d(
+            first.in_channels + padded,
+            first.out_channels,
+            3,
+            padding=first.padding,
+            bias=first.bias is not None,
+        )
         with torch.no_grad():
             conv.weight.zero_()
             conv.weight[:, : first.in_channels] = first.weight
@@ -682,13 +773,19 @@ def check_image(image) -> None:
     """Raise ValueError unless ``image`` is a non-empty real numeric array of at least 2 axes
     (and, for an in-memory float array, finite)."""
     if not hasattr(image, "shape") or not hasattr(image, "dtype"):
-        raise ValueError(f"image: expected an array (numpy, memmap, zarr or dask), got {type(image).__name__}")
+        raise ValueError(
+            f"image: expected an array (numpy, memmap, zarr or dask), got {type(image).__name__}"
+        )
     if image.ndim < 2:
-        raise ValueError(f"image: expected at least 2 axes (..., Y, X), got shape {tuple(image.shape)}")
+        raise ValueError(
+            f"image: expected at least 2 axes (..., Y, X), got shape {tuple(image.shape)}"
+        )
     if 0 in tuple(image.shape):
         raise ValueError(f"image: expected a non-empty array, got shape {tuple(image.shape)}")
     dtype = np.dtype(image.dtype)
-    if dtype == bool or not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
+    if dtype == np.bool_ or not (
+        np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+    ):
         raise ValueError(f"image: expected a real numeric dtype (integer or float), got {dtype}")
     if isinstance(image, np.ndarray) and _is_float(dtype):
         # Plane by plane, so a float memmap is not loaded whole.
@@ -700,9 +797,15 @@ def check_image(image) -> None:
 
 def _check_float32_range(values: np.ndarray) -> None:
     # the network computes in float32 (or less): larger values would become inf, then NaN
-    if values.dtype.itemsize > 4 and values.size and np.abs(values).max() > np.finfo(np.float32).max:
-        raise ValueError(f"image: values beyond the float32 range (largest magnitude "
-                         f"{np.abs(values).max():.3g}); rescale the image first")
+    if (
+        values.dtype.itemsize > 4
+        and values.size
+        and np.abs(values).max() > np.finfo(np.float32).max
+    ):
+        raise ValueError(
+            f"image: values beyond the float32 range (largest magnitude "
+            f"{np.abs(values).max():.3g}); rescale the image first"
+        )
 
 
 def _check_channels(model, image, channel_axis):
@@ -727,26 +830,34 @@ def _checked_region(region, plane: tuple[int, int], step: int) -> tuple[slice, s
     """``region`` as two slices with explicit bounds inside ``plane``, starts on the pooling grid."""
     if region is None:
         return None
-    if not (isinstance(region, tuple) and len(region) == 2 and all(isinstance(s, slice) for s in region)):
+    if not (
+        isinstance(region, tuple) and len(region) == 2 and all(isinstance(s, slice) for s in region)
+    ):
         raise ValueError(f"region: expected a (Y, X) pair of slices, got {region!r}")
     bounds = []
     for axis, (part, length) in enumerate(zip(region, plane)):
         start, stop, stride = part.indices(length)
         if stride != 1 or stop <= start or start % step:
-            raise ValueError(f"region: expected non-empty slices without step, starting at multiples "
-                             f"of the model's pooling step {step}, got {part} on axis {axis} "
-                             f"({length} px)")
+            raise ValueError(
+                f"region: expected non-empty slices without step, starting at multiples "
+                f"of the model's pooling step {step}, got {part} on axis {axis} "
+                f"({length} px)"
+            )
         bounds.append(slice(start, stop))
-    return tuple(bounds)
+    return bounds[0], bounds[1]
 
 
 def _check_out(out, expected):
     if not hasattr(out, "shape") or not hasattr(out, "__setitem__"):
-        raise ValueError(f"out: expected a writable array of shape {expected}, got {type(out).__name__}")
+        raise ValueError(
+            f"out: expected a writable array of shape {expected}, got {type(out).__name__}"
+        )
     if tuple(out.shape) != expected:
         raise ValueError(f"out: expected shape {expected}, got {tuple(out.shape)}")
     if not _is_float(out.dtype):
-        raise ValueError(f"out: expected a float dtype for probabilities, got {np.dtype(out.dtype)}")
+        raise ValueError(
+            f"out: expected a float dtype for probabilities, got {np.dtype(out.dtype)}"
+        )
 
 
 def positive_or_auto(name: str, text) -> int | str:
@@ -788,9 +899,12 @@ def _warn_if_below_smallest(tile, model) -> None:
         return
     smallest = smallest_tile(model)
     if min(tile if isinstance(tile, tuple) else (tile,)) < smallest:
-        warnings.warn(f"tile: {tile} px is below this model's smallest tile ({smallest} px); "
-                      f"using {smallest} px. Small tiles are slow: 'auto' picks a fast size.",
-                      UserWarning, stacklevel=4)
+        warnings.warn(
+            f"tile: {tile} px is below this model's smallest tile ({smallest} px); "
+            f"using {smallest} px. Small tiles are slow: 'auto' picks a fast size.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _resolve_compile(compile, device) -> bool | str:
@@ -845,7 +959,10 @@ def _measured_bytes_per_pixel(model, device, precision) -> float:
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
-    with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+    with (
+        torch.inference_mode(),
+        torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32),
+    ):
         model(probe.contiguous(memory_format=torch.channels_last))
     peak = torch.cuda.max_memory_allocated(device) - base
     return max(peak, 1) / size**2
@@ -867,7 +984,7 @@ def _balanced_plan(shape, tile, model, balance: bool, region=None) -> TilePlan:
                 break
             size = smaller.input_size
         sizes.append(size)
-    return plan_tiles(tuple(shape), tuple(sizes), model, region)
+    return plan_tiles((shape[0], shape[1]), (sizes[0], sizes[1]), model, region)
 
 
 def _smaller_tile(plan: TilePlan, model) -> tuple[int, int]:

@@ -20,8 +20,10 @@ SMALLEST_FACTOR, LARGEST_FACTOR = 1 / 8, 8.0
 def check_factor(factor: float) -> None:
     """Raise ValueError unless ``factor`` is within [1/8, 8]."""
     if not (SMALLEST_FACTOR <= factor <= LARGEST_FACTOR):
-        raise ValueError(f"diameter: the scale factor must be within [{SMALLEST_FACTOR}, "
-                         f"{LARGEST_FACTOR}], got {factor:.3g}")
+        raise ValueError(
+            f"diameter: the scale factor must be within [{SMALLEST_FACTOR}, "
+            f"{LARGEST_FACTOR}], got {factor:.3g}"
+        )
 
 
 def working_shape(length: int, factor: float) -> int:
@@ -53,7 +55,9 @@ class Rescaled:
         check_factor(factor)
         self.image, self.factor = image, float(factor)
         self.source_shape = tuple(image.shape)
-        self.shape = self.source_shape[:-2] + tuple(working_shape(n, factor) for n in self.source_shape[-2:])
+        self.shape = self.source_shape[:-2] + tuple(
+            working_shape(n, factor) for n in self.source_shape[-2:]
+        )
         self.dtype = np.dtype(np.float32)
         self.ndim = len(self.shape)
 
@@ -88,8 +92,9 @@ def _interpolate(block: np.ndarray, weights, axis: int) -> np.ndarray:
     return np.squeeze(out, axis=axis) if scalar else out
 
 
-def back_to_original(labels: np.ndarray, probability: np.ndarray, shape: tuple[int, int],
-                     factor: float) -> tuple[np.ndarray, np.ndarray]:
+def back_to_original(
+    labels: np.ndarray, probability: np.ndarray, shape: tuple[int, int], factor: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Labels (nearest neighbour, ids renumbered 1..N in order) and probability (linear) of one
     working-scale plane, on the original (Y, X) grid ``shape``."""
     from skimage.segmentation import relabel_sequential
@@ -99,7 +104,7 @@ def back_to_original(labels: np.ndarray, probability: np.ndarray, shape: tuple[i
     original = labels[rows[:, None], cols[None, :]]
     original = relabel_sequential(original)[0].astype(np.uint32, copy=False)
     back = Rescaled(probability, 1.0 / factor)
-    back.shape = tuple(shape)   # the original grid exactly (rounding could differ by a pixel)
+    back.shape = tuple(shape)  # the original grid exactly (rounding could differ by a pixel)
     return original, back[:, :]
 
 
@@ -111,8 +116,17 @@ def _nearest(length: int, factor: float, working: int) -> np.ndarray:
 def factor_for(model_diameter: float | None, diameter: float) -> float:
     """The working-scale factor that brings objects of ``diameter`` px to the model's size."""
     if not model_diameter:
-        raise ValueError("diameter: this model records no training object diameter; segment at "
-                         "its own scale (no diameter) or retrain it with this version")
-    if isinstance(diameter, bool) or not isinstance(diameter, (int, float)) or not math.isfinite(diameter) or diameter <= 0:
-        raise ValueError(f"diameter: expected a positive number of pixels or 'auto', got {diameter!r}")
+        raise ValueError(
+            "diameter: this model records no training object diameter; segment at "
+            "its own scale (no diameter) or retrain it with this version"
+        )
+    if (
+        isinstance(diameter, bool)
+        or not isinstance(diameter, (int, float))
+        or not math.isfinite(diameter)
+        or diameter <= 0
+    ):
+        raise ValueError(
+            f"diameter: expected a positive number of pixels or 'auto', got {diameter!r}"
+        )
     return float(model_diameter) / float(diameter)

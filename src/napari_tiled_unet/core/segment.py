@@ -10,15 +10,22 @@ and handed to the caller in plane order.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from .normalize import Normalization
 from .postprocess import decode_plane, postprocess_options
-from .rescale import (LARGEST_FACTOR, SMALLEST_FACTOR, Rescaled, back_to_original, check_factor,
-                      factor_for)
+from .rescale import (
+    LARGEST_FACTOR,
+    SMALLEST_FACTOR,
+    Rescaled,
+    back_to_original,
+    check_factor,
+    factor_for,
+)
 from .targets import engine_output
 
 
@@ -133,18 +140,41 @@ def segment(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected a positive integer, got {workers!r}")
     check_image(image)
-    output = engine_output(model.config.n_classes)
+    output = engine_output(model.config)
     leading = leading_shape(tuple(image.shape), channel_axis)
-    engine = {"tile": tile, "batch": batch, "device": device, "precision": precision,
-              "normalization": normalization}
-    diameter, factor = _working_scale(model, image, channel_axis, diameter, threshold, min_size, engine)
+    engine: dict[str, Any] = {
+        "tile": tile,
+        "batch": batch,
+        "device": device,
+        "precision": precision,
+        "normalization": normalization,
+    }
+    diameter, factor = _working_scale(
+        model, image, channel_axis, diameter, threshold, min_size, engine
+    )
     working = image if factor == 1.0 else Rescaled(image, factor)
     channels = model.config.n_classes if output == "classes" else None
     sink = PlaneBuffer(leading, tuple(working.shape[-2:]), channels=channels)
-    events = predict(model, working, sink, channel_axis=channel_axis, output=output,
-                     should_stop=should_stop, **engine)
-    labeller = _Labeller(sink, leading, threshold, min_size, workers,
-                         tuple(image.shape[-2:]), diameter, factor)
+    events = predict(
+        model,
+        working,
+        sink,
+        channel_axis=channel_axis,
+        output=output,
+        should_stop=should_stop,
+        **engine,
+    )
+    labeller = _Labeller(
+        sink,
+        leading,
+        threshold,
+        min_size,
+        workers,
+        tuple(image.shape[-2:]),
+        diameter,
+        factor,
+        model.config.output_mode,
+    )
     return labeller.drain(events)
 
 
@@ -159,9 +189,9 @@ def _working_scale(model, image, channel_axis, diameter, threshold, min_size, en
         return None, 1.0
     model_diameter = model.metadata.get("diameter")
     if diameter == "auto":
-        factor_for(model_diameter, 1.0)   # the model must know its size: fail before work
+        factor_for(model_diameter, 1.0)  # the model must know its size: fail before work
         diameter = estimate_diameter(model, image, channel_axis, threshold, min_size, **engine)
-        if diameter is None:   # nothing found: nothing to scale by
+        if diameter is None:  # nothing found: nothing to scale by
             return None, 1.0
     factor = factor_for(model_diameter, diameter)
     if abs(factor - 1.0) <= _SAME_SIZE:
@@ -176,8 +206,9 @@ _SEARCH_FACTORS = (0.125, 0.25, 0.5, 1.0, 2.0)
 _COMFORT = (0.6, 1.6)
 
 
-def estimate_diameter(model, image, channel_axis=None, threshold=0.5, min_size=0,
-                      **engine) -> float | None:
+def estimate_diameter(
+    model, image, channel_axis=None, threshold=0.5, min_size=0, **engine
+) -> float | None:
     """Median equivalent diameter (px) of the objects in a centred window (at most 1024 x 1024)
     of the image's first plane; None when no object is found.
 
@@ -208,7 +239,9 @@ def estimate_diameter(model, image, channel_axis=None, threshold=0.5, min_size=0
     estimate = max(candidates)
     factor = min(max(model_diameter / estimate, SMALLEST_FACTOR), LARGEST_FACTOR)
     refined = _measured(model, plane, factor, threshold, min_size, engine)
-    consistent = refined is not None and _COMFORT[0] <= refined * factor / model_diameter <= _COMFORT[1]
+    consistent = (
+        refined is not None and _COMFORT[0] <= refined * factor / model_diameter <= _COMFORT[1]
+    )
     return refined if consistent else estimate
 
 
@@ -221,9 +254,10 @@ def _measured(model, plane, factor, threshold, min_size, engine) -> float | None
     working = plane if factor == 1.0 else Rescaled(plane, factor)
     if min(working.shape[-2:]) < 16:
         return None
-    maps = predict_array(model, working, channel_axis=0,
-                         output=engine_output(model.config.n_classes), **engine)
-    found = median_diameter([decode_plane(maps, threshold, min_size)])
+    maps = predict_array(
+        model, working, channel_axis=0, output=engine_output(model.config), **engine
+    )
+    found = median_diameter([decode_plane(maps, threshold, min_size, model.config.output_mode)])
     return found / factor if found else None
 
 
@@ -231,7 +265,9 @@ def _first_plane_window(image, channel_axis) -> np.ndarray:
     """The centred window (at most 1024 px a side) of the first plane, shape (C, y, x)."""
     from .predict import PlaneView, leading_shape
 
-    plane = PlaneView(image, (0,) * len(leading_shape(tuple(image.shape), channel_axis)), channel_axis)
+    plane = PlaneView(
+        image, (0,) * len(leading_shape(tuple(image.shape), channel_axis)), channel_axis
+    )
     rows, cols = (_centred(n, _ESTIMATE_WINDOW) for n in image.shape[-2:])
     return np.asarray(plane[:, rows, cols])
 
@@ -241,8 +277,14 @@ def _centred(length: int, size: int) -> slice:
     return slice(start, start + size)
 
 
-def relabel_plane(maps: np.ndarray, threshold: float, min_size: int,
-                  plane_shape: tuple[int, int], factor: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def relabel_plane(
+    maps: np.ndarray,
+    threshold: float,
+    min_size: int,
+    plane_shape: tuple[int, int],
+    factor: float = 1.0,
+    mode: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Instance labels and foreground probability of one plane from the network's maps: the
     step of :func:`segment` after the network, so a new threshold or minimum size needs no
     forward pass.
@@ -259,13 +301,15 @@ def relabel_plane(maps: np.ndarray, threshold: float, min_size: int,
         (Y, X) of the original plane.
     factor : float
         Working scale / original scale (:attr:`SegmentEvent.factor`).
+    mode : str, optional
+        The model's output mode (``UNetConfig.output_mode``; :func:`.postprocess.decode_plane`).
 
     Returns
     -------
     labels : numpy.ndarray of uint32, shape (Y, X)
     probability : numpy.ndarray of float32, shape (Y, X)
     """
-    labels = decode_plane(maps, threshold, min_size)
+    labels = decode_plane(maps, threshold, min_size, mode)
     probability = maps if maps.ndim == 2 else (1.0 - maps[0]).astype(np.float32)
     if factor != 1.0:
         labels, probability = back_to_original(labels, probability, plane_shape, factor)
@@ -275,8 +319,10 @@ def relabel_plane(maps: np.ndarray, threshold: float, min_size: int,
 class _Labeller:
     """Labels completed planes in a thread pool and hands them out in order."""
 
-    def __init__(self, sink, leading, threshold, min_size, workers, plane_shape, diameter, factor):
-        self.sink, self.threshold, self.min_size = sink, threshold, min_size
+    def __init__(
+        self, sink, leading, threshold, min_size, workers, plane_shape, diameter, factor, mode
+    ):
+        self.sink, self.threshold, self.min_size, self.mode = sink, threshold, min_size, mode
         self.leads = list(np.ndindex(*leading))
         self.workers = workers
         self.plane_shape, self.diameter, self.factor = plane_shape, diameter, factor
@@ -322,16 +368,27 @@ class _Labeller:
         return tuple(ready)
 
     def _label(self, index: int, maps: np.ndarray) -> PlaneResult:
-        labels, probability = relabel_plane(maps, self.threshold, self.min_size, self.plane_shape,
-                                            self.factor)
+        labels, probability = relabel_plane(
+            maps, self.threshold, self.min_size, self.plane_shape, self.factor, self.mode
+        )
         return PlaneResult(index, self.leads[index], labels, probability, int(labels.max()), maps)
 
     def _event(self, last, handed, ready, stopped=False) -> SegmentEvent:
         scale = {"diameter": self.diameter, "factor": self.factor}
-        if last is None:   # an empty stack cannot happen (predict rejects it); keep types right
-            return SegmentEvent(0, 0, handed, len(self.leads), (0, 0), tuple(ready), stopped, **scale)
-        return SegmentEvent(last.done, last.total, handed, len(self.leads), last.tile_shape,
-                            tuple(ready), stopped, **scale)
+        if last is None:  # an empty stack cannot happen (predict rejects it); keep types right
+            return SegmentEvent(
+                0, 0, handed, len(self.leads), (0, 0), tuple(ready), stopped, **scale
+            )
+        return SegmentEvent(
+            last.done,
+            last.total,
+            handed,
+            len(self.leads),
+            last.tile_shape,
+            tuple(ready),
+            stopped,
+            **scale,
+        )
 
 
 class PlaneBuffer:
@@ -360,7 +417,7 @@ class PlaneBuffer:
         plane = self.planes.get(index)
         if plane is None:
             plane = self.planes[index] = np.empty(self.plane_shape, np.float32)
-        plane[key[len(self.leading):]] = value
+        plane[key[len(self.leading) :]] = value
 
     def pop(self, index: int) -> np.ndarray:
         """The completed plane ``index`` (C order), released from the buffer."""

@@ -89,11 +89,16 @@ class AxisPlan:
 
     def source_indices(self, position: int) -> np.ndarray:
         """Mirrored source indices read by the tile whose output starts at ``position``."""
-        return mirror_indices(self.offset + position - self.context, self.input_size,
-                              self.source_length or self.length)
+        return mirror_indices(
+            self.offset + position - self.context,
+            self.input_size,
+            self.source_length or self.length,
+        )
 
 
-def plan_axis(length: int, input_size: int, model_geometry, span: tuple[int, int] | None = None) -> AxisPlan:
+def plan_axis(
+    length: int, input_size: int, model_geometry, span: tuple[int, int] | None = None
+) -> AxisPlan:
     """Plan tiles of at most ``input_size`` input pixels covering ``length`` pixels.
 
     ``model_geometry`` answers ``output_size(s)``, ``legal_input_size(o)``, ``size_step``,
@@ -107,8 +112,10 @@ def plan_axis(length: int, input_size: int, model_geometry, span: tuple[int, int
     if span is not None:
         start, stop = span
         if start % model_geometry.size_step or not 0 <= start < stop <= length:
-            raise ValueError(f"block: expected 0 <= start < stop <= {length} with start a multiple "
-                             f"of {model_geometry.size_step}, got {start}:{stop}")
+            raise ValueError(
+                f"block: expected 0 <= start < stop <= {length} with start a multiple "
+                f"of {model_geometry.size_step}, got {start}:{stop}"
+            )
         block = plan_axis(stop - start, input_size, model_geometry)
         return replace(block, offset=start, source_length=length)
     step = model_geometry.size_step
@@ -179,8 +186,9 @@ class TilePlan:
         for py, px in product(self.y.positions, self.x.positions):
             out_y, crop_y = _write_window(self.y, py)
             out_x, crop_x = _write_window(self.x, px)
-            yield Tile(self.y.source_indices(py), self.x.source_indices(px),
-                       out_y, out_x, crop_y, crop_x)
+            yield Tile(
+                self.y.source_indices(py), self.x.source_indices(px), out_y, out_x, crop_y, crop_x
+            )
 
 
 def _write_window(axis: AxisPlan, position: int) -> tuple[slice, slice]:
@@ -188,12 +196,18 @@ def _write_window(axis: AxisPlan, position: int) -> tuple[slice, slice]:
     return slice(position, stop), slice(axis.crop, axis.crop + stop - position)
 
 
-def plan_tiles(shape: tuple[int, int], tile: int | tuple[int, int], model_geometry,
-               region: tuple[slice, slice] | None = None) -> TilePlan:
+def plan_tiles(
+    shape: tuple[int, int],
+    tile: int | tuple[int, int],
+    model_geometry,
+    region: tuple[slice, slice] | None = None,
+) -> TilePlan:
     """Plan overlap tiles for a plane of ``shape`` (Y, X) with input tiles of about ``tile``;
     with ``region`` (a (Y, X) pair of slices), for that block of the plane only (output
     coordinates then count from the block's corner)."""
-    tile_y, tile_x = (tile, tile) if np.isscalar(tile) else tile
+    tile_y, tile_x = (tile, tile) if isinstance(tile, (int, np.integer)) else tile
     spans = (None, None) if region is None else [(s.start, s.stop) for s in region]
-    return TilePlan(plan_axis(shape[0], tile_y, model_geometry, spans[0]),
-                    plan_axis(shape[1], tile_x, model_geometry, spans[1]))
+    return TilePlan(
+        plan_axis(shape[0], tile_y, model_geometry, spans[0]),
+        plan_axis(shape[1], tile_x, model_geometry, spans[1]),
+    )

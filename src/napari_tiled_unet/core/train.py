@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from .augment import Augmentation
+from .metrics import median_diameter
 from .model import UNet, UNetConfig
 from .normalize import Normalization
+from .targets import engine_output
 from .tiling import mirror_indices
-from .metrics import median_diameter
-from .targets import engine_output, output_mode
 from .weights import border_weight_map, separate_touching
 
 OPTIMIZERS = ("adam", "sgd")
@@ -145,8 +146,11 @@ class DataSummary:
     held_out: bool
 
     def describe(self) -> str:
-        where = (f"validating on {self.val_objects} other objects in {self.val_planes} plane(s)"
-                 if self.held_out else "validating on the same objects (nothing could be held out)")
+        where = (
+            f"validating on {self.val_objects} other objects in {self.val_planes} plane(s)"
+            if self.held_out
+            else "validating on the same objects (nothing could be held out)"
+        )
         return f"training on {self.train_objects} objects in {self.train_planes} plane(s), {where}"
 
 
@@ -154,17 +158,24 @@ class DataSummary:
 class TrainingPlane:
     """One annotated plane, prepared for training."""
 
-    source: tuple         # (sample index, leading index of the plane in its stack)
-    image: np.ndarray     # (C, Y, X) float32, normalised
-    ids: np.ndarray       # (Y, X) int64 instance ids (paper mode: touching objects gapped)
-    weights: np.ndarray   # (Y, X) float32, 0 = ignored
-    truth: np.ndarray     # (Y, X) instance ids inside the region, for validation
+    source: tuple  # (sample index, leading index of the plane in its stack)
+    image: np.ndarray  # (C, Y, X) float32, normalised
+    ids: np.ndarray  # (Y, X) int64 instance ids (paper mode: touching objects gapped)
+    weights: np.ndarray  # (Y, X) float32, 0 = ignored
+    truth: np.ndarray  # (Y, X) instance ids inside the region, for validation
     foreground: np.ndarray  # (K, 2) coordinates of foreground pixels
 
 
-def train(samples: Sequence[Sample], output, *, config: TrainConfig = TrainConfig(),
-          model_config: UNetConfig | None = None, init=None, resume: bool = False,
-          should_stop: Callable[[], bool] | None = None) -> Iterator[TrainEvent]:
+def train(
+    samples: Sequence[Sample],
+    output,
+    *,
+    config: TrainConfig = TrainConfig(),
+    model_config: UNetConfig | None = None,
+    init=None,
+    resume: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[TrainEvent]:
     """Train a U-Net on ``samples`` and write the best model to ``output``.
 
     Arguments are checked, and the annotated planes prepared, when this function is called;
@@ -191,8 +202,9 @@ def train(samples: Sequence[Sample], output, *, config: TrainConfig = TrainConfi
     -------
     generator of TrainEvent
     """
-    session = _Session.prepared(samples, Path(output), config, model_config, init, resume,
-                                should_stop or (lambda: False))
+    session = _Session.prepared(
+        samples, Path(output), config, model_config, init, resume, should_stop or (lambda: False)
+    )
     return session.run()
 
 
@@ -216,8 +228,13 @@ class _Session:
 
     @cached_property
     def data(self) -> DataSummary:
-        return DataSummary(len(self.train_planes), _object_count(self.train_planes),
-                           len(self.val_planes), _object_count(self.val_planes), self.held_out)
+        return DataSummary(
+            len(self.train_planes),
+            _object_count(self.train_planes),
+            len(self.val_planes),
+            _object_count(self.val_planes),
+            self.held_out,
+        )
 
     @cached_property
     def diameter(self) -> float:
@@ -244,11 +261,22 @@ class _Session:
             raise ValueError(f"output: folder {output.parent} does not exist")
         planes = annotated_planes(samples, config, model)  # also checks the output mode
         if not planes:
-            raise ValueError("labels: no annotated plane (every plane is empty or outside its region)")
+            raise ValueError(
+                "labels: no annotated plane (every plane is empty or outside its region)"
+            )
         train_planes, val_planes = _split(_group(planes), config)
         held_out = val_planes is not train_planes
-        return cls(model, train_planes, val_planes, output, config, should_stop, resumed,
-                   fine_tuning=init is not None and resumed is None, held_out=held_out)
+        return cls(
+            model,
+            train_planes,
+            val_planes,
+            output,
+            config,
+            should_stop,
+            resumed,
+            fine_tuning=init is not None and resumed is None,
+            held_out=held_out,
+        )
 
     def run(self) -> Iterator[TrainEvent]:
         import torch
@@ -269,15 +297,23 @@ class _Session:
         # The model fine-tuning starts from, scored on the same validation data: a run that
         # ends below it made things worse, and its consumers say so.
         baseline = dict(self._validate(model, device), iteration=0) if self.fine_tuning else None
-        context = {"data": self.data, "baseline": baseline}
+        context: dict[str, Any] = {"data": self.data, "baseline": baseline}
         loss = float("nan")
         for iteration in range(first, config.iterations + 1):
             if self.should_stop():
                 if best is None:  # nothing written yet: keep what was learnt so far
                     self._save(model, iteration - 1, None)
                 self._checkpoint(model, optimizer, iteration - 1, best)
-                yield TrainEvent(iteration - 1, config.iterations, loss, None, best,
-                                 time.perf_counter() - start, stopped=True, **context)
+                yield TrainEvent(
+                    iteration - 1,
+                    config.iterations,
+                    loss,
+                    None,
+                    best,
+                    time.perf_counter() - start,
+                    stopped=True,
+                    **context,
+                )
                 return
             _set_learning_rate(optimizer, config, iteration)
             loss = self._step(model, optimizer, rng, generator, device)
@@ -288,25 +324,47 @@ class _Session:
                     best = metrics
                     self._save(model, iteration, best)
                 self._checkpoint(model, optimizer, iteration, best)
-            yield TrainEvent(iteration, config.iterations, loss, metrics, best,
-                             time.perf_counter() - start, **context)
+            yield TrainEvent(
+                iteration,
+                config.iterations,
+                loss,
+                metrics,
+                best,
+                time.perf_counter() - start,
+                **context,
+            )
 
     def _step(self, model, optimizer, rng, generator, device) -> float:
         import torch
 
         from .augment import augment
-        from .loss import weighted_cross_entropy
-        from .targets import class_target
+        from .loss import distance_loss, weighted_cross_entropy
+        from .targets import class_target, distance_target
 
         image, ids, weights = _batch(self.train_planes, self.config, rng)
         image, ids, weights = augment(
-            torch.from_numpy(image).to(device), torch.from_numpy(ids).to(device),
-            torch.from_numpy(weights).to(device), self.config.augmentation, generator,
+            torch.from_numpy(image).to(device),
+            torch.from_numpy(ids).to(device),
+            torch.from_numpy(weights).to(device),
+            self.config.augmentation,
+            generator,
         )
-        target = class_target(ids, model.config.n_classes)
+        distance = model.config.output_mode == "distance"
+        target = class_target(ids, 2 if distance else model.config.n_classes)
         crop = model.margin // 2
-        inner = (slice(None), slice(crop, target.shape[-2] - crop), slice(crop, target.shape[-1] - crop))
-        loss = weighted_cross_entropy(model(image), target[inner], weights[inner])
+        inner = (
+            slice(None),
+            slice(crop, target.shape[-2] - crop),
+            slice(crop, target.shape[-1] - crop),
+        )
+        logits = model(image)
+        loss = weighted_cross_entropy(
+            logits[:, :2] if distance else logits, target[inner], weights[inner]
+        )
+        if distance:
+            loss = loss + distance_loss(
+                logits[:, 2], distance_target(ids)[inner], weights[inner] > 0
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -319,11 +377,17 @@ class _Session:
 
         model.eval()
         ious, scores = [], []
-        output = engine_output(model.config.n_classes)
+        output = engine_output(model.config)
         for plane in self.val_planes:
-            maps = predict_array(model, plane.image, channel_axis=0, device=str(device),
-                                 normalization=Normalization("none"), output=output)
-            predicted = decode_plane(maps) * (plane.weights > 0)
+            maps = predict_array(
+                model,
+                plane.image,
+                channel_axis=0,
+                device=str(device),
+                normalization=Normalization("none"),
+                output=output,
+            )
+            predicted = decode_plane(maps, mode=model.config.output_mode) * (plane.weights > 0)
             ious.append(pixel_iou(predicted, plane.truth))
             scores.append(match_objects(predicted, plane.truth))
         model.train()
@@ -341,19 +405,23 @@ class _Session:
         metadata = {
             "trained_iterations": iteration + int(previous.get("trained_iterations", 0)),
             "validation": best,
-            "loss": {"w0": self.config.w0, "sigma": self.config.sigma,
-                     "weights": self.config.weights},
+            "loss": {
+                "w0": self.config.w0,
+                "sigma": self.config.sigma,
+                "weights": self.config.weights,
+            },
             "training_planes": len(self.train_planes),
             "diameter": self.diameter,
             "validation_planes": len(self.val_planes),
             # samples never trained on (none when a lone image validates on itself)
-            "validation_samples": sorted({int(p.source[0]) for p in self.val_planes}
-                                         - {int(p.source[0]) for p in self.train_planes}),
+            "validation_samples": sorted(
+                {int(p.source[0]) for p in self.val_planes}
+                - {int(p.source[0]) for p in self.train_planes}
+            ),
         }
-        if "postprocess" in previous:   # a fine-tuned model starts from its parent's recommendation
+        if "postprocess" in previous:  # a fine-tuned model starts from its parent's recommendation
             metadata["postprocess"] = previous["postprocess"]
         save_model(model, self.output, normalization=self.config.normalization, metadata=metadata)
-
 
     def _checkpoint(self, model, optimizer, iteration, best):
         import os
@@ -376,9 +444,14 @@ class _Session:
                 torch.save(state, tmp)
                 with open(tmp, "rb+") as handle:
                     os.fsync(handle.fileno())
-            except (OSError, RuntimeError) as error:   # torch reports a full disk as "unexpected pos"
-                raise OSError(f"checkpoint: could not write {target} ({error}); the model file "
-                              f"{self.output} keeps the best model so far") from None
+            except (
+                OSError,
+                RuntimeError,
+            ) as error:  # torch reports a full disk as "unexpected pos"
+                raise OSError(
+                    f"checkpoint: could not write {target} ({error}); the model file "
+                    f"{self.output} keeps the best model so far"
+                ) from None
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
@@ -400,9 +473,11 @@ def _read_checkpoint(output: Path) -> dict:
         model = UNet(config)
         model.load_state_dict(state["model"])
     except Exception as error:
-        raise ValueError(f"resume: {path} is not a readable training checkpoint ({error})") from None
+        raise ValueError(
+            f"resume: {path} is not a readable training checkpoint ({error})"
+        ) from None
     model.metadata = state["metadata"]
-    if "normalization" in state:   # checkpoints before the model record lack it
+    if "normalization" in state:  # checkpoints before the model record lack it
         model.normalization = Normalization.from_dict(state["normalization"])
     return dict(state, model=model)
 
@@ -416,8 +491,11 @@ def _initial_model(model_config, init) -> UNet:
 
 
 def _check_config(config: TrainConfig):
-    positive = {"iterations": config.iterations, "batch": config.batch,
-                "validate_every": config.validate_every}
+    positive = {
+        "iterations": config.iterations,
+        "batch": config.batch,
+        "validate_every": config.validate_every,
+    }
     for name, value in positive.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
@@ -453,13 +531,14 @@ def annotated_planes(samples: Sequence[Sample], config: TrainConfig, model: UNet
     -------
     list of TrainingPlane
     """
-    mode = output_mode(model.config.n_classes)
+    mode = model.config.output_mode
     planes = []
     for index, sample in enumerate(samples):
         image, labels, region = _checked_sample(sample, index, model)
         for lead in np.ndindex(*labels.shape[:-2]):
-            plane = _prepared_plane(image[lead], labels[lead],
-                                    None if region is None else region[lead], config, mode)
+            plane = _prepared_plane(
+                image[lead], labels[lead], None if region is None else region[lead], config, mode
+            )
             if plane is not None:
                 plane.source = (index, lead)
                 planes.append(plane)
@@ -471,7 +550,9 @@ def _checked_sample(sample: Sample, index: int, model: UNet):
     labels = np.asarray(sample.labels)
     where = f"sample {index}"
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels ({where}): expected integer instance ids, got dtype {labels.dtype}")
+        raise ValueError(
+            f"labels ({where}): expected integer instance ids, got dtype {labels.dtype}"
+        )
     if labels.size and labels.min() < 0:
         raise ValueError(f"labels ({where}): expected non-negative ids, got minimum {labels.min()}")
     if sample.channel_axis is None:
@@ -484,8 +565,10 @@ def _checked_sample(sample: Sample, index: int, model: UNet):
             f"{image.shape[:-3] + image.shape[-2:]}, got {labels.shape}"
         )
     if image.shape[-3] != model.config.in_channels:
-        raise ValueError(f"image ({where}): the model expects {model.config.in_channels} "
-                         f"channel(s), got {image.shape[-3]}")
+        raise ValueError(
+            f"image ({where}): the model expects {model.config.in_channels} "
+            f"channel(s), got {image.shape[-3]}"
+        )
     if image.size == 0 or not np.isfinite(image).all():
         raise ValueError(f"image ({where}): expected a non-empty image of finite values")
     region = None if sample.region is None else np.asarray(sample.region).astype(bool)
@@ -497,22 +580,35 @@ def _checked_sample(sample: Sample, index: int, model: UNet):
 def _prepared_plane(image, labels, region, config: TrainConfig, mode: str):
     from skimage.segmentation import relabel_sequential
 
-    ignored = np.zeros(labels.shape, bool) if config.ignore_label is None else labels == config.ignore_label
+    ignored = (
+        np.zeros(labels.shape, bool)
+        if config.ignore_label is None
+        else labels == config.ignore_label
+    )
     # 1..N: sparse ids near 2**32 would otherwise size per-id tables by the largest id
     ids = relabel_sequential(np.where(ignored, 0, labels).astype(np.int64))[0]
     valid = ~ignored if region is None else (region & ~ignored)
     if not valid.any() or (region is None and not ids.any()):
         return None
     separated = separate_touching(ids)
-    weights = border_weight_map(separated, config.w0, config.sigma, variant=config.weights,
-                                pixel_size=config.pixel_size,
-                                class_balance=config.class_balance) * valid
+    weights = (
+        border_weight_map(
+            separated,
+            _resolved(config.w0),
+            _resolved(config.sigma),
+            variant=config.weights,
+            pixel_size=config.pixel_size,
+            class_balance=config.class_balance,
+        )
+        * valid
+    )
     offset, scale = config.normalization.plane_stats(image)
     return TrainingPlane(
         source=(),
         image=((image.astype(np.float32) - offset) * scale).astype(np.float32),
-        # Boundary mode derives its classes from the ungapped ids after augmentation.
-        ids=(separated if mode == "paper" else ids).astype(np.int64),
+        # Boundary mode derives its classes from the ungapped ids after augmentation; the
+        # paper and distance modes learn the gapped ones.
+        ids=(ids if mode == "boundary" else separated).astype(np.int64),
         weights=weights.astype(np.float32),
         truth=np.where(valid, ids, 0),
         foreground=np.argwhere((separated > 0) & valid),
@@ -572,10 +668,16 @@ def _split_plane(plane: TrainingPlane, fraction: float):
     parts = []
     for window, shift in ((slice(0, cut), 0), (slice(cut, height), cut)):
         inside = (plane.foreground[:, 0] >= window.start) & (plane.foreground[:, 0] < window.stop)
-        parts.append(TrainingPlane(
-            source=plane.source, image=plane.image[:, window], ids=plane.ids[window],
-            weights=plane.weights[window], truth=plane.truth[window],
-            foreground=plane.foreground[inside] - np.array([shift, 0])))
+        parts.append(
+            TrainingPlane(
+                source=plane.source,
+                image=plane.image[:, window],
+                ids=plane.ids[window],
+                weights=plane.weights[window],
+                truth=plane.truth[window],
+                foreground=plane.foreground[inside] - np.array([shift, 0]),
+            )
+        )
     if not parts[0].truth.any() or not parts[1].truth.any():
         return None
     return tuple(parts)
@@ -584,7 +686,7 @@ def _split_plane(plane: TrainingPlane, fraction: float):
 def _cut_between_objects(truth: np.ndarray, target: int) -> int:
     """The row nearest ``target`` above which no object continues (objects stay whole in one
     part), leaving both parts at least 32 rows; ``target`` itself when there is none."""
-    crossing = ((truth[:-1] == truth[1:]) & (truth[1:] > 0)).any(axis=1)   # cut at r+1 splits
+    crossing = ((truth[:-1] == truth[1:]) & (truth[1:] > 0)).any(axis=1)  # cut at r+1 splits
     free = np.flatnonzero(~crossing) + 1
     free = free[(free >= _MIN_PART_ROWS) & (free <= truth.shape[0] - _MIN_PART_ROWS)]
     return int(free[np.argmin(np.abs(free - target))]) if free.size else target
@@ -608,7 +710,9 @@ def _patch(plane: TrainingPlane, config: TrainConfig, rng):
     image = plane.image[:, rows[:, None], cols[None, :]]
     ids = plane.ids[rows[:, None], cols[None, :]]
     # Mirrored context is input only: no loss on pixels outside the image.
-    weights = plane.weights[rows[:, None], cols[None, :]] * (row_inside[:, None] & col_inside[None, :])
+    weights = plane.weights[rows[:, None], cols[None, :]] * (
+        row_inside[:, None] & col_inside[None, :]
+    )
     if window != size:
         image, ids, weights = _resized(image, ids, weights, size)
     return image, ids, weights
@@ -620,8 +724,12 @@ def _resized(image, ids, weights, size: int):
     from scipy import ndimage
 
     factor = size / image.shape[-1]
-    image = np.stack([ndimage.zoom(channel, factor, order=1, grid_mode=True, mode="grid-mirror")
-                      for channel in image])
+    image = np.stack(
+        [
+            ndimage.zoom(channel, factor, order=1, grid_mode=True, mode="grid-mirror")
+            for channel in image
+        ]
+    )
     nearest = {"order": 0, "grid_mode": True, "mode": "grid-mirror"}
     ids = ndimage.zoom(ids, factor, **nearest)
     weights = ndimage.zoom(weights, factor, **nearest)
@@ -655,3 +763,10 @@ def _set_learning_rate(optimizer, config: TrainConfig, iteration: int):
         factor = 0.5 * (1 + math.cos(math.pi * (iteration - 1) / max(config.iterations, 1)))
     for group in optimizer.param_groups:
         group["lr"] = config.lr * factor
+
+
+def _resolved(value: float | None) -> float:
+    """A loss-weight setting that ``_check_config`` has filled in from the variant table."""
+    if value is None:
+        raise ValueError("w0, sigma: expected values filled in from the weight variant")
+    return value

@@ -44,8 +44,9 @@ def separate_touching(labels: np.ndarray) -> np.ndarray:
     ids = labels.astype(np.int64)
     above = int(ids.max(initial=0)) + 1  # stands for background in the minimum filter
     largest = ndimage.maximum_filter(ids, footprint=_EIGHT, mode="constant", cval=0)
-    smallest = ndimage.minimum_filter(np.where(ids > 0, ids, above), footprint=_EIGHT,
-                                      mode="constant", cval=above)
+    smallest = ndimage.minimum_filter(
+        np.where(ids > 0, ids, above), footprint=_EIGHT, mode="constant", cval=above
+    )
     conflict = (labels > 0) & ((largest != labels) | (smallest != labels))
     ids = np.unique(labels[labels > 0])
     # ids that keep no pixel; sets, not a table sized by the largest id (which may be ~2**32)
@@ -94,8 +95,12 @@ def border_weight_map(
     _check_weight_options(labels, w0, sigma, variant)
     if labels.ndim > 2:
         flat = labels.reshape((-1,) + labels.shape[-2:])
-        planes = [border_weight_map(p, w0, sigma, variant=variant, pixel_size=pixel_size,
-                                    class_balance=class_balance) for p in flat]
+        planes = [
+            border_weight_map(
+                p, w0, sigma, variant=variant, pixel_size=pixel_size, class_balance=class_balance
+            )
+            for p in flat
+        ]
         return np.stack(planes).reshape(labels.shape)
     sampling = _sampling(pixel_size)
     foreground = labels > 0
@@ -164,7 +169,9 @@ def _sampling(pixel_size):
         return (1.0, 1.0)
     sizes = (pixel_size, pixel_size) if np.isscalar(pixel_size) else tuple(pixel_size)
     if len(sizes) != 2 or not all(np.isfinite(s) and s > 0 for s in sizes):
-        raise ValueError(f"pixel_size: expected a positive number or (Y, X) pair, got {pixel_size!r}")
+        raise ValueError(
+            f"pixel_size: expected a positive number or (Y, X) pair, got {pixel_size!r}"
+        )
     return tuple(float(s) for s in sizes)
 
 

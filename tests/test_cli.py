@@ -665,3 +665,40 @@ def test_a_planar_rgb_file_is_averaged_to_grey_with_a_message_and_none_keeps_the
         == 0
     )
     assert tifffile.imread(tmp_path / "planes.tif").shape == (3, 60, 70)
+
+
+@pytest.mark.parametrize("fine_tuning", [False, True])
+def test_train_takes_its_defaults_from_the_core_presets(
+    tmp_path, model_file, monkeypatch, fine_tuning
+):
+    from napari_tiled_unet.core import train as train_module
+    from napari_tiled_unet.core.presets import FINE_TUNE, SCRATCH, SCRATCH_ARCHITECTURE
+
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def fake_train(samples, output, config, model_config, init, resume, should_stop):
+        seen.update(config=config, model_config=model_config)
+        raise Captured
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    images, labels = annotated_files(tmp_path, [0], 96)
+    args = ["train", "--images", *images, "--labels", *labels, "-o", tmp_path / "m.safetensors"]
+    args += ["--init", model_file] if fine_tuning else []
+    with pytest.raises(Captured):
+        cli.main([str(a) for a in args] + ["--quiet"])
+    preset = FINE_TUNE if fine_tuning else SCRATCH
+    config = seen["config"]
+    assert (config.iterations, config.lr, config.lr_schedule, config.validate_every) == (
+        preset.iterations,
+        preset.lr,
+        preset.lr_schedule,
+        preset.validate_every,
+    )
+    if not fine_tuning:
+        assert seen["model_config"].depth == SCRATCH_ARCHITECTURE.depth
+        assert seen["model_config"].norm == SCRATCH_ARCHITECTURE.norm == "batch"
+    assert train_module.TrainConfig().lr == SCRATCH.lr
+    assert train_module.TrainConfig.fine_tuning(seed=3).lr_schedule == FINE_TUNE.lr_schedule

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .core.presets import FINE_TUNE, SCRATCH, SCRATCH_ARCHITECTURE
 from .models import DEFAULT_MODEL
 
 
@@ -461,10 +462,12 @@ def _fitted(image, args, in_channels: int):
 
 
 def _plane_axes(image) -> str:
-    channel_axis = image.channel_axis
-    if channel_axis is not None and -len(image.shape) <= channel_axis < len(image.shape):
-        channel_axis %= len(image.shape)
-    return "".join(a for i, a in enumerate(image.axes) if i != channel_axis)
+    from .core.shapes import without_channel
+
+    try:
+        return "".join(without_channel(image.axes, image.channel_axis))
+    except ValueError as error:
+        raise UsageError(f"--{str(error).replace('_', '-')}") from None
 
 
 def _segment_file(args, image, outputs, model) -> int:
@@ -472,9 +475,9 @@ def _segment_file(args, image, outputs, model) -> int:
     from .core.channels import GreyView
     from .core.io import IncompleteWrite
     from .core.predict import positive_or_auto
+    from .core.shapes import output_shape
 
-    channel_axis = image.channel_axis
-    shape = [n for i, n in enumerate(image.shape) if i != _axis_index(channel_axis, image.shape)]
+    shape = output_shape(image.shape, image.channel_axis)
     if shape[-2] * shape[-1] > HUGE_PLANE_PIXELS and isinstance(image.data, GreyView):
         raise UsageError(
             f"--channel-axis: colour planes over {HUGE_PLANE_PIXELS // 2**20} Mpx are segmented "
@@ -491,7 +494,7 @@ def _segment_file(args, image, outputs, model) -> int:
         model,
         image,
         targets,
-        channel_axis=channel_axis,
+        channel_axis=image.channel_axis,
         link_z=args.link_z,
         overwrite=args.overwrite,
         should_stop=stop,
@@ -522,12 +525,6 @@ def _segment_file(args, image, outputs, model) -> int:
             f"{' (ids restart at 1 in each plane)' if last.planes > 1 else ''}"
         )
     return 0
-
-
-def _axis_index(axis, shape) -> int | None:
-    if axis is not None and -len(shape) <= axis < len(shape):
-        return axis % len(shape)
-    return axis
 
 
 # Planes larger than this (8192 x 8192) are segmented block by block through a temporary store
@@ -673,10 +670,19 @@ def _add_train_parser(commands):
     train.add_argument("--regions", type=Path, nargs="+", help="masks of fully annotated regions")
     train.add_argument("--ignore-label", type=int, help="label id to ignore")
     train.add_argument("-o", "--output", type=Path, required=True, help="model file to write")
-    train.add_argument("--iterations", type=int, default=2000)
+    train.add_argument(
+        "--iterations",
+        type=int,
+        help=f"default: {SCRATCH.iterations} from scratch, {FINE_TUNE.iterations} fine-tuning "
+        f"(--init)",
+    )
     train.add_argument("--batch", type=int, default=4)
     train.add_argument("--patch", type=int, default=252, help="input patch size (px)")
-    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument(
+        "--lr",
+        type=float,
+        help=f"learning rate (default: {SCRATCH.lr:g} from scratch, {FINE_TUNE.lr:g} fine-tuning)",
+    )
     train.add_argument(
         "--optimizer",
         choices=("adam", "sgd"),
@@ -686,11 +692,11 @@ def _add_train_parser(commands):
     train.add_argument(
         "--lr-schedule",
         choices=("constant", "cosine"),
-        default="constant",
-        help="learning rate over the run (cosine: decays to 0 at the last iteration)",
+        help=f"learning rate over the run (cosine: decays to 0 at the last iteration; default: "
+        f"{SCRATCH.lr_schedule} from scratch, {FINE_TUNE.lr_schedule} fine-tuning)",
     )
-    train.add_argument("--depth", type=int, default=3)
-    train.add_argument("--base-channels", type=int, default=16)
+    train.add_argument("--depth", type=int, default=SCRATCH_ARCHITECTURE.depth)
+    train.add_argument("--base-channels", type=int, default=SCRATCH_ARCHITECTURE.base_channels)
     train.add_argument(
         "--mode",
         choices=("paper", "boundary", "distance"),
@@ -712,8 +718,8 @@ def _add_train_parser(commands):
     train.add_argument(
         "--norm",
         choices=("none", "batch"),
-        default="none",
-        help="normalisation layer after each convolution (default none, as in the paper)",
+        default=SCRATCH_ARCHITECTURE.norm or "none",
+        help="normalisation layer after each convolution (default batch; none is the paper's)",
     )
     train.add_argument(
         "--weights",
@@ -731,7 +737,12 @@ def _add_train_parser(commands):
         default="auto",
         help="hold out whole images or planes (auto: images when several)",
     )
-    train.add_argument("--validate-every", type=int, default=100)
+    train.add_argument(
+        "--validate-every",
+        type=int,
+        help=f"default: {SCRATCH.validate_every} from scratch, {FINE_TUNE.validate_every} "
+        f"fine-tuning",
+    )
     train.add_argument("--init", type=Path, help="model file to fine-tune from")
     train.add_argument(
         "--resume",
@@ -751,6 +762,7 @@ def _train(args) -> int:
     from .core.augment import Augmentation
     from .core.batch import check_output_path
     from .core.model import UNetConfig
+    from .core.presets import preset_for
     from .core.targets import n_classes_of
     from .core.train import TrainConfig, train
 
@@ -763,13 +775,14 @@ def _train(args) -> int:
     if args.resume and args.init:
         raise UsageError("--resume: continues the run writing --output; do not combine with --init")
     samples = _training_samples(args)
+    preset = preset_for(args.init is not None)
     config = TrainConfig(
-        iterations=args.iterations,
+        iterations=_given(args.iterations, preset.iterations),
         batch=args.batch,
         patch=args.patch,
-        lr=args.lr,
+        lr=_given(args.lr, preset.lr),
         optimizer=args.optimizer,
-        lr_schedule=args.lr_schedule,
+        lr_schedule=_given(args.lr_schedule, preset.lr_schedule),
         weights=args.weights,
         w0=args.w0,
         sigma=args.sigma,
@@ -777,7 +790,7 @@ def _train(args) -> int:
         ignore_label=args.ignore_label,
         val_fraction=args.val_fraction,
         val_split=args.val_split,
-        validate_every=args.validate_every,
+        validate_every=_given(args.validate_every, preset.validate_every),
         seed=args.seed,
         device=args.device,
         augmentation=replace(Augmentation(), zoom=_zoom_range(args.zoom)),
@@ -826,6 +839,10 @@ def _train(args) -> int:
         f"(iteration {best.get('iteration', '-')}); model: {args.output}"
     )
     return 0
+
+
+def _given(value, default):
+    return default if value is None else value
 
 
 def _zoom_range(values) -> tuple[float, float]:

@@ -25,6 +25,7 @@ def quick(**changes):
         "batch": 4,
         "patch": 92,
         "lr": 1e-3,
+        "lr_schedule": "constant",  # these tests' own settings, not the product's defaults
         "sigma": 3.0,
         "validate_every": 150,
         "device": "cpu",

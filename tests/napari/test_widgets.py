@@ -677,3 +677,32 @@ def test_an_rgb_layer_follows_the_command_lines_colour_rule(
     np.testing.assert_array_equal(
         viewer.layers["colour labels"].data, expected_labels(model_file, grey)
     )
+
+
+def test_the_train_widget_starts_from_the_core_presets(viewer):
+    from napari_tiled_unet.core.presets import FINE_TUNE, SCRATCH
+
+    _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Train (U-Net)")
+    assert (widget._lr.value, widget._iterations.value) == (SCRATCH.lr, SCRATCH.iterations)
+    widget._start_from.value = "bundled default"
+    assert (widget._lr.value, widget._iterations.value) == (FINE_TUNE.lr, FINE_TUNE.iterations)
+    widget._start_from.value = "scratch"
+    assert widget._lr.value == SCRATCH.lr
+
+
+def test_an_error_inside_a_running_worker_reaches_the_user(viewer, qtbot, model_file, monkeypatch):
+    """A NaN in a lazily read plane is found mid-run, in the worker: napari's worker relays
+    it as an error notification, and the widget is ready for the next run."""
+    from napari.utils.notifications import notification_manager
+
+    received = []
+    monkeypatch.setattr(
+        notification_manager, "receive_error", lambda *a, **k: received.append(a[1])
+    )
+    stack = np.ones((3, 40, 40), np.float32)
+    stack[2, 5, 5] = np.nan
+    viewer.add_image(da.from_array(stack, chunks=(1, 40, 40)), name="lazy")
+    widget = segment_widget(viewer, model_file)
+    run_and_wait(qtbot, widget)
+    assert [str(e) for e in received] == ["image: contains NaN or Inf values (plane (2,))"]
+    assert widget._run.enabled and not widget._cancel.enabled and "lazy labels" not in viewer.layers

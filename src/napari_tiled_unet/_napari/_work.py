@@ -40,3 +40,16 @@ class LazyProgress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def notify_errors(worker) -> None:
+    """Show an unexpected error raised inside ``worker`` as a napari error notification (with
+    its traceback). Workers are made with ``ignore_errors=True``: re-raised in a Qt slot, the
+    error would abort napari."""
+
+    def relay(error: BaseException) -> None:
+        from napari.utils.notifications import notification_manager
+
+        notification_manager.receive_error(type(error), error, error.__traceback__)
+
+    worker.errored.connect(relay)

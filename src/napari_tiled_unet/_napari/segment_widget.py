@@ -25,6 +25,7 @@ from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ..core.predict import positive_or_auto
+from ..core.shapes import output_shape
 from ._layers import (
     Placement,
     colour_message,
@@ -35,7 +36,7 @@ from ._layers import (
 )
 from ._session import FROM_FILE, SESSION_MODELS, model_choices
 from ._triton import keep_triton_out
-from ._work import Failure, LazyProgress
+from ._work import Failure, LazyProgress, notify_errors
 
 SCOPES = ("whole stack", "current plane", "folder of files")
 FOLDER = SCOPES[2]
@@ -255,6 +256,7 @@ class SegmentWidget(Container):
     def _run_worker(self, job, worker) -> None:
         self._job, self._bar = job, LazyProgress(f"Segmenting {job.name}")
         worker.yielded.connect(self._on_progress)
+        notify_errors(worker)
         worker.returned.connect(self._on_returned)
         worker.finished.connect(self._on_finished)
         self._viewer.layers.events.removed.connect(self._on_layer_removed)
@@ -505,7 +507,7 @@ def _report_folder(job: FolderJob, result) -> None:
 
 def _into_stack(previous, job: SegmentJob, plane_labels):
     """The whole-stack result with one plane replaced (the earlier result, or zeros)."""
-    shape = tuple(s for i, s in enumerate(job.data.shape) if i != job.channel_axis)
+    shape = output_shape(job.data.shape, job.channel_axis)
     if previous is not None and tuple(previous.data.shape) == shape:
         stack = previous.data
         if stack.dtype != plane_labels.dtype and np.can_cast(plane_labels.dtype, stack.dtype):
@@ -609,11 +611,11 @@ def _job_input(job: SegmentJob):
     data, axis = job.data, job.channel_axis
     if job.plane is not None:
         data, axis = plane_of(data, job.plane, axis)
-    shape = tuple(s for i, s in enumerate(data.shape) if i != axis)
-    return data, axis, shape, is_lazy(job.data) and job.plane is None
+    return data, axis, output_shape(data.shape, axis), is_lazy(job.data) and job.plane is None
 
 
-@thread_worker
+# errors raised inside reach the user through notify_errors
+@thread_worker(ignore_errors=True)
 def _segment(job: SegmentJob, keep: dict):
     """Worker: drains the core segment step, yielding its events; returns the collected
     result (see :meth:`_Collector.result`), None when cancelled, or a Failure. The network's
@@ -670,7 +672,8 @@ def _kept(maps, leading, plane, lazy: bool):
     return maps
 
 
-@thread_worker
+# errors raised inside reach the user through notify_errors
+@thread_worker(ignore_errors=True)
 def _relabel(job: SegmentJob, cache: RelabelCache):
     """Worker: the cached maps relabelled with the job's threshold and minimum size (no
     network); yields RelabelProgress, returns as :func:`_segment` does."""
@@ -697,7 +700,8 @@ def _relabel(job: SegmentJob, cache: RelabelCache):
         collector.discard()
 
 
-@thread_worker
+# errors raised inside reach the user through notify_errors
+@thread_worker(ignore_errors=True)
 def _segment_folder(job: FolderJob):
     """Worker: each file through the core file step (the model loaded once), yielding
     (file index, event); returns [(file name, objects)], None when cancelled, or a Failure."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +22,18 @@ from magicgui.widgets import (
 from napari.qt.threading import thread_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 
+from ..core.presets import FINE_TUNE, SCRATCH, SCRATCH_ARCHITECTURE
+from ..core.shapes import output_shape
 from ..core.weights import VARIANT_DEFAULTS
 from ..models import DEFAULT_MODEL
 from ._layers import full_resolution, model_input
 from ._session import SESSION_MODELS
 from ._triton import keep_triton_out
-from ._work import Failure, LazyProgress
+from ._work import Failure, LazyProgress, notify_errors
 
 STARTS = ("scratch", "bundled default", "file")
-# A new network (with batch normalisation) learns fastest at 1e-3; fine-tuning a trained one
-# at that rate would throw away much of what it knows.
-LEARNING_RATES = {"scratch": 1e-3, "bundled default": 1e-4, "file": 1e-4}
+# the presets of core.presets: what each start means for the settings
+PRESET_OF_START = {"scratch": SCRATCH, "bundled default": FINE_TUNE, "file": FINE_TUNE}
 MODEL_FOLDER = Path.home() / "napari-tiled-unet" / "models"
 
 
@@ -92,10 +93,10 @@ class TrainWidget(Container):
             tooltip="how far (px) from the two nearest objects that weight reaches (paper: 5 px)",
         )
         self._physical = CheckBox(text="sigma in the layer's units (scale)")
-        self._iterations = SpinBox(label="iterations", value=2000, min=1, max=10**7)
+        self._iterations = SpinBox(label="iterations", value=SCRATCH.iterations, min=1, max=10**7)
         self._lr = FloatSpinBox(
             label="learning rate",
-            value=LEARNING_RATES["scratch"],
+            value=SCRATCH.lr,
             min=1e-7,
             max=1.0,
             step=1e-5,
@@ -174,6 +175,7 @@ class TrainWidget(Container):
         self.plot.clear()
         worker = _train(job)
         worker.yielded.connect(self._on_event)
+        notify_errors(worker)
         worker.returned.connect(self._on_returned)
         worker.finished.connect(self._on_finished)
         self._worker = worker
@@ -187,7 +189,8 @@ class TrainWidget(Container):
 
     def _on_start_changed(self, start: str) -> None:
         self._init_file.visible = start == "file"
-        self._lr.value = LEARNING_RATES[start]
+        preset = PRESET_OF_START[start]
+        self._lr.value, self._iterations.value = preset.lr, preset.iterations
 
     def _on_add_pair(self, *_) -> None:
         image, labels = self._image.value, self._labels_layer.value
@@ -216,7 +219,7 @@ class TrainWidget(Container):
             batch=self._batch.value,
             patch=self._patch.value,
             lr=self._lr.value,
-            lr_schedule="cosine",
+            lr_schedule=PRESET_OF_START[self._start_from.value].lr_schedule,
             w0=self._w0.value,
             sigma=self._sigma.value,
             pixel_size=_pixel_size(pairs[0][0]) if self._physical.value else None,
@@ -362,18 +365,14 @@ def _tell_what_is_used(data) -> None:
         show_info(f"Training: {text}")
 
 
-@thread_worker
+# errors raised inside reach the user through notify_errors
+@thread_worker(ignore_errors=True)
 def _train(job: TrainJob):
     """Worker: yields TrainEvents; returns the last one, or a Failure for bad input."""
-    from ..core.model import UNetConfig
     from ..core.train import train
 
     # The bundled model's architecture: fast on CPUs, and batch norm trains quickly from scratch.
-    model_config = (
-        None
-        if job.init
-        else UNetConfig(depth=3, base_channels=16, norm="batch", in_channels=job.in_channels)
-    )
+    model_config = None if job.init else replace(SCRATCH_ARCHITECTURE, in_channels=job.in_channels)
     try:
         events = train(
             job.samples,
@@ -398,7 +397,7 @@ def _sample(image_layer, labels_layer, regions_layer, in_channels: int):
         raise ValueError("labels: choose an image layer and the labels layer annotating it")
     data, axis = model_input(image_layer, "auto", in_channels)
     labels = np.array(full_resolution(labels_layer))  # a copy: painting goes on during training
-    spatial = tuple(s for i, s in enumerate(data.shape) if i != axis)
+    spatial = output_shape(data.shape, axis)
     if labels.shape != spatial:
         raise ValueError(
             f"labels: layer {labels_layer.name!r} has shape {labels.shape}, expected the "

@@ -18,6 +18,7 @@ from .io import LazyImage, TiffStreams, release_mapped_pages
 from .measure import MeasurementTable
 from .postprocess import ZLinker, labels_dtype, postprocess_options
 from .segment import SegmentEvent
+from .shapes import normalised_axis, output_shape, without_channel
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 
@@ -181,10 +182,9 @@ def segment_file(
     """
     from .segment import segment
 
-    if channel_axis is not None and -len(image.shape) <= channel_axis < len(image.shape):
-        channel_axis %= len(image.shape)  # out-of-range values are reported by segment
-    axes = "".join(a for i, a in enumerate(image.axes) if i != channel_axis)
-    shape = tuple(n for i, n in enumerate(image.shape) if i != channel_axis)
+    channel_axis = normalised_axis(channel_axis, len(image.shape))
+    axes = "".join(without_channel(image.axes, channel_axis))
+    shape = output_shape(image.shape, channel_axis)
     linker = z_linker(link_z, axes)
     events = segment(
         model, image.data, channel_axis=channel_axis, should_stop=should_stop, **options

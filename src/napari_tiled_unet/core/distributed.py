@@ -181,7 +181,8 @@ def plan_job(
     """
     from .io import open_image
     from .postprocess import postprocess_options
-    from .predict import _check_channels, _normalised_axis, leading_shape
+    from .predict import _check_channels
+    from .shapes import leading_shape, normalised_axis, without_channel
 
     if model.config.output_mode != "paper":
         raise ValueError(
@@ -191,9 +192,9 @@ def plan_job(
     threshold, min_size = postprocess_options(model.metadata, threshold, min_size)
     image = open_image(input_path, series=series)
     channel_axis = image.channel_axis if channel_axis is None else channel_axis
-    channel_axis = _normalised_axis(channel_axis, len(image.shape))
+    channel_axis = normalised_axis(channel_axis, len(image.shape))
     _check_channels(model, image.data, channel_axis)
-    axes = "".join(a for i, a in enumerate(image.axes) if i != channel_axis)
+    axes = "".join(without_channel(image.axes, channel_axis))
     block = _checked_block(block, model)
     output = Path(output).absolute()
     if output.suffix.lower() != ".zarr":

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .normalize import Normalization
+from .shapes import leading_shape, normalised_axis
 from .tiling import Tile, TilePlan, plan_axis, plan_tiles
 
 OUTPUTS = ("foreground", "classes")
@@ -153,18 +154,6 @@ def predict_array(model, image, **options) -> np.ndarray:
     return out
 
 
-def leading_shape(shape: tuple[int, ...], channel_axis: int | None) -> tuple[int, ...]:
-    """The plane axes of an image of ``shape``: every axis before (Y, X) but the channel axis.
-
-    Raises
-    ------
-    ValueError
-        ``channel_axis`` is not an axis of ``shape``.
-    """
-    axis = _normalised_axis(channel_axis, len(shape))
-    return tuple(n for i, n in enumerate(shape[:-2]) if i != axis)
-
-
 def resolve_device(device: str):
     """Turn "auto", "cpu", "cuda" or "cuda:N" into a ``torch.device``, checking it exists."""
     import torch
@@ -187,20 +176,6 @@ def resolve_device(device: str):
             )
         return torch.device("cuda", index)
     raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-
-
-def _normalised_axis(axis, ndim):
-    if axis is None:
-        return None
-    if (
-        isinstance(axis, bool)
-        or not isinstance(axis, (int, np.integer))
-        or not -ndim <= axis < ndim
-    ):
-        raise ValueError(
-            f"channel_axis: expected an axis index in [{-ndim}, {ndim - 1}], got {axis!r}"
-        )
-    return int(axis) % ndim
 
 
 class PlaneView:
@@ -376,7 +351,7 @@ class _Job:
         region=None,
     ):
         check_image(image)
-        channel_axis = _normalised_axis(channel_axis, image.ndim)
+        channel_axis = normalised_axis(channel_axis, image.ndim)
         if channel_axis is not None and channel_axis >= image.ndim - 2:
             raise ValueError(
                 f"channel_axis: the last two axes are Y and X; expected an axis before them, "
@@ -415,7 +390,7 @@ class _Job:
 
     @property
     def leads(self) -> list[tuple[int, ...]]:
-        shape = [n for i, n in enumerate(self.image.shape[:-2]) if i != self.channel_axis]
+        shape = list(leading_shape(self.image.shape, self.channel_axis))
         return list(np.ndindex(*shape))
 
     def run(self) -> Iterator[Progress]:

@@ -134,7 +134,8 @@ def segment(
     -------
     generator of SegmentEvent
     """
-    from .predict import check_image, leading_shape, predict
+    from .predict import check_image, predict
+    from .shapes import leading_shape
 
     threshold, min_size = postprocess_options(model.metadata, threshold, min_size)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -263,7 +264,8 @@ def _measured(model, plane, factor, threshold, min_size, engine) -> float | None
 
 def _first_plane_window(image, channel_axis) -> np.ndarray:
     """The centred window (at most 1024 px a side) of the first plane, shape (C, y, x)."""
-    from .predict import PlaneView, leading_shape
+    from .predict import PlaneView
+    from .shapes import leading_shape
 
     plane = PlaneView(
         image, (0,) * len(leading_shape(tuple(image.shape), channel_axis)), channel_axis

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from .augment import Augmentation
 from .metrics import median_diameter
 from .model import UNet, UNetConfig
 from .normalize import Normalization
+from .presets import FINE_TUNE, SCRATCH
 from .targets import engine_output
 from .tiling import mirror_indices
 from .weights import border_weight_map, separate_touching
@@ -55,18 +56,19 @@ class Sample:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training settings (defaults: the paper's loss, Adam at 1e-4).
+    """Training settings (defaults: the paper's loss, and the from-scratch preset of
+    :mod:`.presets`; :meth:`fine_tuning` gives the fine-tuning one).
 
     ``w0`` and ``sigma`` left as None take the ``weights`` variant's own values
     (:data:`~.weights.VARIANT_DEFAULTS`: paper 10 / 5 px, Fiji 50 / 6 px).
     """
 
-    iterations: int = 2000
+    iterations: int = SCRATCH.iterations
     batch: int = 4
     patch: int = 252
-    lr: float = 1e-4
+    lr: float = SCRATCH.lr
     optimizer: str = "adam"
-    lr_schedule: str = "constant"
+    lr_schedule: str = SCRATCH.lr_schedule
     w0: float | None = None
     sigma: float | None = None
     weights: str = "paper"
@@ -75,7 +77,7 @@ class TrainConfig:
     ignore_label: int | None = None
     val_fraction: float = 0.1
     val_split: str = "auto"
-    validate_every: int = 100
+    validate_every: int = SCRATCH.validate_every
     foreground_bias: float = 10.0
     augmentation: Augmentation = field(default_factory=Augmentation)
     normalization: Normalization = field(default_factory=Normalization)
@@ -90,6 +92,11 @@ class TrainConfig:
             object.__setattr__(self, "w0", w0)
         if self.sigma is None:
             object.__setattr__(self, "sigma", sigma)
+
+    @classmethod
+    def fine_tuning(cls, **settings) -> TrainConfig:
+        """Settings for fine-tuning a trained model: the fine-tuning preset, then ``settings``."""
+        return cls(**{**asdict(FINE_TUNE), **settings})
 
 
 @dataclass(frozen=True)

@@ -67,21 +67,9 @@ def label_boundary_plane(
     -------
     numpy.ndarray, shape (Y, X), uint32
     """
-    from scipy import ndimage
-    from skimage.segmentation import watershed
-
-    classes = np.asarray(classes)
-    if classes.ndim != 3 or classes.shape[0] != 3:
-        raise ValueError(f"classes: expected shape (3, Y, X), got {classes.shape}")
-    interior = classes[1].astype(np.float32, copy=False)
+    classes = _three_maps(classes, "classes")
     foreground = (1.0 - classes[0]) > FOREGROUND_LEVEL
-    seeds, count = ndimage.label(
-        (interior > threshold) & foreground, structure=np.ones((3, 3), bool)
-    )
-    if count == 0:
-        return np.zeros(interior.shape, np.uint32)
-    labels = watershed(-interior, seeds, mask=foreground).astype(np.uint32, copy=False)
-    return _without_small(labels, count, min_size, labels > 0)
+    return _seeded_watershed(classes[1], foreground, threshold, min_size)
 
 
 def label_distance_plane(maps: np.ndarray, threshold: float = 0.5, min_size: int = 0) -> np.ndarray:
@@ -103,20 +91,28 @@ def label_distance_plane(maps: np.ndarray, threshold: float = 0.5, min_size: int
     -------
     numpy.ndarray, shape (Y, X), uint32
     """
+    maps = _three_maps(maps, "maps")
+    return _seeded_watershed(maps[2], maps[1] > FOREGROUND_LEVEL, threshold, min_size)
+
+
+def _three_maps(maps, name: str) -> np.ndarray:
+    maps = np.asarray(maps)
+    if maps.ndim != 3 or maps.shape[0] != 3:
+        raise ValueError(f"{name}: expected shape (3, Y, X), got {maps.shape}")
+    return maps
+
+
+def _seeded_watershed(height, foreground, threshold: float, min_size: int) -> np.ndarray:
+    """Seeds: 8-connected components of ``height > threshold`` in the foreground; the watershed
+    of ``-height`` grows them over the foreground; small objects removed."""
     from scipy import ndimage
     from skimage.segmentation import watershed
 
-    maps = np.asarray(maps)
-    if maps.ndim != 3 or maps.shape[0] != 3:
-        raise ValueError(f"maps: expected shape (3, Y, X), got {maps.shape}")
-    distance = maps[2].astype(np.float32, copy=False)
-    foreground = maps[1] > FOREGROUND_LEVEL
-    seeds, count = ndimage.label(
-        (distance > threshold) & foreground, structure=np.ones((3, 3), bool)
-    )
+    height = height.astype(np.float32, copy=False)
+    seeds, count = ndimage.label((height > threshold) & foreground, structure=np.ones((3, 3), bool))
     if count == 0:
-        return np.zeros(distance.shape, np.uint32)
-    labels = watershed(-distance, seeds, mask=foreground).astype(np.uint32, copy=False)
+        return np.zeros(height.shape, np.uint32)
+    labels = watershed(-height, seeds, mask=foreground).astype(np.uint32, copy=False)
     return _without_small(labels, count, min_size, labels > 0)
 
 

@@ -1,0 +1,131 @@
+"""Fine-tuning the bundled model on a few annotated nuclei: the score before and after.
+
+What a user does in napari with *Start from: bundled default*: paint a few nuclei of one image
+inside a region (a Shapes rectangle), press Train. Here, on one of the bundled model's held-out
+dsb2018_fluo images (by default the one it scores worst on among those with at least 20
+nuclei), the ``--objects`` nuclei nearest the image centre are "painted" (the region is their
+bounding box, fully annotated), the model is fine-tuned with the core fine-tuning preset
+(:mod:`napari_tiled_unet.core.presets`), and AP@0.5 is printed before and after on
+
+- the rest of that image (nuclei that do not touch the region), and
+- the other held-out images of the same size (the same acquisition, as far as DSB tells).
+
+A fine-tuned model that validates below its starting model is reported by the run and is not
+selected in napari; the user keeps the starting model, and so does the line "kept".
+
+    python benchmarks/bench_finetune.py [--data ../shared/data/dsb2018_fluo/train] [--image N]
+        [--objects 5] [--iterations N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from napari_tiled_unet.core.metrics import match_objects
+from napari_tiled_unet.core.modelfile import load_model
+from napari_tiled_unet.core.postprocess import decode_plane, postprocess_options
+from napari_tiled_unet.core.predict import predict_array
+from napari_tiled_unet.core.targets import engine_output
+from napari_tiled_unet.core.train import Sample, TrainConfig, train
+from napari_tiled_unet.models import DEFAULT_MODEL
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018_fluo" / "train"
+
+
+def labels_of(model, image: np.ndarray) -> np.ndarray:
+    threshold, min_size = postprocess_options(model.metadata)
+    maps = predict_array(model, image, output=engine_output(model.config))
+    return decode_plane(maps, threshold, min_size, model.config.output_mode)
+
+
+def painted_region(truth: np.ndarray, count: int) -> np.ndarray:
+    """The bounding box of the ``count`` nuclei nearest the image centre, as a region mask."""
+    ids = np.unique(truth[truth > 0])
+    centre = np.array(truth.shape) / 2
+    centroids = np.array([np.argwhere(truth == i).mean(axis=0) for i in ids])
+    chosen = ids[np.argsort(np.hypot(*(centroids - centre).T))[:count]]
+    rows, cols = np.nonzero(np.isin(truth, chosen))
+    region = np.zeros(truth.shape, bool)
+    region[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] = True
+    return region
+
+
+def outside(labels: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """``labels`` without the objects that touch ``region``."""
+    touching = np.unique(labels[region & (labels > 0)])
+    return np.where(np.isin(labels, touching), 0, labels)
+
+
+def ap(model, image, truth, region=None) -> float:
+    predicted = labels_of(model, image)
+    if region is not None:
+        predicted, truth = outside(predicted, region), outside(truth, region)
+    return match_objects(predicted, truth, 0.5).ap
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--image", type=int, help="index into the held-out images (default: worst)")
+    parser.add_argument("--objects", type=int, default=5, help="nuclei painted")
+    parser.add_argument("--iterations", type=int, help="default: the fine-tuning preset's")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    start = load_model(DEFAULT_MODEL)
+    images = sorted(args.data.glob("*_image.tif"))
+    held = [images[i] for i in start.metadata["validation_samples"]]
+    pairs = [
+        (tifffile.imread(p), tifffile.imread(str(p).replace("_image", "_labels"))) for p in held
+    ]
+    if args.image is None:
+        scores = [ap(start, image, truth) if truth.max() >= 20 else 2.0 for image, truth in pairs]
+        args.image = int(np.argmin(scores))
+    image, truth = pairs[args.image]
+    similar = [p for i, p in enumerate(pairs) if i != args.image and p[0].shape == image.shape]
+    region = painted_region(truth, args.objects)
+    painted = np.where(region, truth, 0)
+    print(
+        f"image {held[args.image].name[:12]} {image.shape}: {int(truth.max())} nuclei, "
+        f"{len(np.unique(painted)) - 1} painted in a {region.sum()} px region; "
+        f"{len(similar)} similar held-out images"
+    )
+
+    settings = {"seed": args.seed, "device": "cpu"}
+    if args.iterations:
+        settings["iterations"] = args.iterations
+    config = TrainConfig.fine_tuning(**settings)
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "tuned.safetensors"
+        events = list(
+            train([Sample(image, painted, region)], output, config=config, init=DEFAULT_MODEL)
+        )
+        tuned = load_model(output)
+    last = events[-1]
+    kept = start if last.worse_than_baseline else tuned
+    print(
+        f"fine-tuned {config.iterations} iterations (lr {config.lr:g}, {config.lr_schedule}) in "
+        f"{last.seconds:.0f} s; validation AP@0.5: start {last.baseline['ap50']:.3f}, "
+        f"best {last.best['ap50']:.3f} -> kept: {'start' if kept is start else 'fine-tuned'}"
+    )
+    print(f"{'AP@0.5':<28} {'before':>7} {'fine-tuned':>11} {'kept':>7}")
+    rows = {
+        "rest of the image": [(image, truth, region)],
+        "similar images (mean)": [(i, t, None) for i, t in similar],
+    }
+    for name, cases in rows.items():
+        if not cases:
+            continue
+        before, after, final = (
+            np.mean([ap(m, i, t, r) for i, t, r in cases]) for m in (start, tuned, kept)
+        )
+        print(f"{name:<28} {before:7.3f} {after:11.3f} {final:7.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -825,11 +825,10 @@ def _train(args) -> int:
                 print(f"tiled-unet train: {last.data.describe()}", file=sys.stderr)
             bar.update(last)
     best = last.best or {}
-    if last.worse_than_baseline:
+    if last.kept_start:
         print(
-            f"tiled-unet train: warning: the new model scores AP@0.5 {best['ap50']:.3f} on the "
-            f"validation data, below the {last.baseline['ap50']:.3f} of {args.init} it started "
-            f"from",
+            f"tiled-unet train: warning: fine-tuning did not beat {args.init} on the validation "
+            f"data (AP@0.5 {best['ap50']:.3f}); {args.output} holds that starting model",
             file=sys.stderr,
         )
     status = "stopped" if last.stopped else "done"

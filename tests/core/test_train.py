@@ -114,17 +114,18 @@ def test_stopping_leaves_a_loadable_model_and_fine_tuning_continues_it(tmp_path)
         normalization=own_scaling,
         metadata={**first.metadata, "postprocess": {"threshold": 0.7, "min_size": 9}},
     )
-    list(
+    tuned = list(
         train(
             samples,
             tmp_path / "b.safetensors",
-            config=quick(iterations=4, validate_every=2),
+            config=quick(iterations=300, validate_every=150),
             init=tmp_path / "a.safetensors",
         )
     )
+    assert not tuned[-1].kept_start  # 3 iterations left much to learn
     second = load_model(tmp_path / "b.safetensors")
     assert second.config == first.config and second.normalization == own_scaling
-    assert second.metadata["trained_iterations"] == 3 + 4
+    assert second.metadata["trained_iterations"] == 3 + tuned[-1].best["iteration"]
     assert second.metadata["postprocess"] == {"threshold": 0.7, "min_size": 9}
 
 
@@ -427,20 +428,43 @@ def test_fine_tuning_scores_its_starting_model_first(tmp_path):
             config=quick(iterations=2, validate_every=2),
         )
     )
-    assert scratch[-1].baseline is None and not scratch[-1].worse_than_baseline
+    assert scratch[-1].baseline is None and not scratch[-1].kept_start
 
-    def event(best, start):
-        return TrainEvent(
-            5,
-            5,
-            0.1,
-            None,
-            {"ap50": best, "iou": 0.5},
-            1.0,
-            baseline={"ap50": start, "iou": 0.5, "iteration": 0},
+    def event(best_iteration):
+        best = {"ap50": 0.5, "iou": 0.5, "iteration": best_iteration}
+        return TrainEvent(5, 5, 0.1, None, best, 1.0, baseline={**best, "iteration": 0})
+
+    assert event(0).kept_start and not event(4).kept_start
+
+
+def test_fine_tuning_keeps_its_starting_model_until_a_fine_tuned_one_validates_better(tmp_path):
+    """The guard against fine-tuning making things worse: the start is the output first, and
+    only a strictly better validation replaces it (a tie keeps the start)."""
+    from napari_tiled_unet.core.train import _improves
+
+    start = {"ap50": 0.5, "iou": 0.6, "iteration": 0}
+    assert not _improves({"ap50": 0.5, "iou": 0.6, "iteration": 50}, start)
+    assert not _improves({"ap50": 0.4, "iou": 0.9, "iteration": 50}, start)
+    assert _improves({"ap50": 0.5, "iou": 0.61, "iteration": 50}, start)
+    assert _improves({"ap50": 0.5, "iou": 0.6, "iteration": 100}, {**start, "iteration": 50})
+    samples = [Sample(*touching_blobs(seed)) for seed in range(2)]
+    good = tmp_path / "good.safetensors"
+    list(train(samples, good, model_config=TINY, config=quick(iterations=300)))
+    # lr 1: any step wrecks the weights, so every validation is worse than the start
+    events = list(
+        train(
+            samples,
+            tmp_path / "f.safetensors",
+            init=good,
+            config=quick(iterations=4, validate_every=2, lr=1.0),
         )
+    )
+    import torch
 
-    assert event(0.40, 0.50).worse_than_baseline and not event(0.50, 0.50).worse_than_baseline
+    assert events[-1].kept_start and events[-1].best == events[-1].baseline
+    kept, started = load_model(tmp_path / "f.safetensors"), load_model(good)
+    for name, tensor in started.state_dict().items():
+        assert torch.equal(kept.state_dict()[name], tensor), name
 
 
 def test_the_fiji_variant_brings_its_own_w0_and_sigma_from_python_too():

@@ -394,7 +394,7 @@ def test_a_cluster_store_opens_as_probabilities_and_labels_layers(viewer, tmp_pa
     assert events[-1].objects >= 1 and len(np.unique(labels[labels > 0])) == events[-1].objects
 
 
-def test_a_model_worse_than_its_start_is_saved_but_not_selected(viewer, tmp_path, monkeypatch):
+def test_a_fine_tuning_that_kept_its_start_is_not_selected(viewer, tmp_path, monkeypatch):
     """What the run learns from is said first (a warning when it is too little); a fine-tuned
     model that scores below its start is not selected; one that finds nothing is, with a warning."""
     from napari_tiled_unet.core.train import DataSummary, TrainEvent
@@ -416,20 +416,12 @@ def test_a_model_worse_than_its_start_is_saved_but_not_selected(viewer, tmp_path
         "(nothing could be held out). The validation score will say little about new "
         "images: annotate more objects, or add another image."
     ]
-    worse = TrainEvent(
-        5,
-        5,
-        0.1,
-        None,
-        {"ap50": 0.41, "iou": 0.6},
-        2.0,
-        data=data,
-        baseline={"ap50": 0.62, "iou": 0.7, "iteration": 0},
-    )
-    widget._on_returned(worse)
+    start = {"ap50": 0.62, "iou": 0.7, "iteration": 0}
+    widget._on_returned(TrainEvent(5, 5, 0.1, None, start, 2.0, data=data, baseline=start))
     assert SESSION_MODELS.paths == before
     assert (
-        "scores validation AP@0.5 0.410, below the 0.620 of the model it started from" in shown[-1]
+        "fine-tuning did not beat the model it started from on validation (AP@0.5 0.620)"
+        in (shown[-1])
     )
     widget._on_returned(TrainEvent(5, 5, 0.1, None, {"ap50": 0.0, "iou": 0.1}, 2.0, data=data))
     assert SESSION_MODELS.paths[0] == (tmp_path / "trained.safetensors").resolve()

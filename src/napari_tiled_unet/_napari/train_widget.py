@@ -272,11 +272,11 @@ class TrainWidget(Container):
         best = (result.best or {}) if result is not None else {}
         state = "stopped" if result is not None and result.stopped else "done"
         score = best.get("ap50", float("nan"))
-        if result is not None and result.worse_than_baseline:
+        if result is not None and result.kept_start:
             show_warning(
-                f"Training {state}; the new model scores validation AP@0.5 {score:.3f}, "
-                f"below the {result.baseline['ap50']:.3f} of the model it started from. "
-                f"It was saved to {output} but not selected in the Segment widget."
+                f"Training {state}; fine-tuning did not beat the model it started from on "
+                f"validation (AP@0.5 {score:.3f}), so {output} holds that starting model. The "
+                f"Segment widget's selection is unchanged; annotate more objects to improve it."
             )
         else:
             SESSION_MODELS.add(output)

@@ -133,9 +133,10 @@ class TrainEvent:
     baseline: dict | None = None
 
     @property
-    def worse_than_baseline(self) -> bool:
-        """The best model scores below the one fine-tuning started from (AP@0.5)."""
-        return bool(self.baseline and self.best and self.best["ap50"] < self.baseline["ap50"])
+    def kept_start(self) -> bool:
+        """Fine-tuning has not beaten the model it started from on validation: the output
+        file holds that starting model (``best`` is its score, iteration 0)."""
+        return bool(self.baseline and self.best and self.best.get("iteration") == 0)
 
 
 @dataclass(frozen=True)
@@ -301,9 +302,12 @@ class _Session:
         if self.resumed:
             optimizer.load_state_dict(self.resumed["optimizer"])
             first, best = self.resumed["iteration"] + 1, self.resumed["best"]
-        # The model fine-tuning starts from, scored on the same validation data: a run that
-        # ends below it made things worse, and its consumers say so.
+        # The model fine-tuning starts from, scored on the same validation data, is the output
+        # until a fine-tuned one validates better: a run never leaves a worse model behind.
         baseline = dict(self._validate(model, device), iteration=0) if self.fine_tuning else None
+        if baseline is not None:
+            best = baseline
+            self._save(model, 0, best)
         context: dict[str, Any] = {"data": self.data, "baseline": baseline}
         loss = float("nan")
         for iteration in range(first, config.iterations + 1):
@@ -327,7 +331,7 @@ class _Session:
             metrics = None
             if iteration % config.validate_every == 0 or iteration == config.iterations:
                 metrics = dict(self._validate(model, device), iteration=iteration)
-                if best is None or (metrics["ap50"], metrics["iou"]) >= (best["ap50"], best["iou"]):
+                if _improves(metrics, best):
                     best = metrics
                     self._save(model, iteration, best)
                 self._checkpoint(model, optimizer, iteration, best)
@@ -777,3 +781,12 @@ def _resolved(value: float | None) -> float:
     if value is None:
         raise ValueError("w0, sigma: expected values filled in from the weight variant")
     return value
+
+
+def _improves(metrics: dict, best: dict | None) -> bool:
+    """A validation worth saving: the first, one at least as good as the best so far, or,
+    against the model fine-tuning started from (iteration 0), a strictly better one."""
+    if best is None:
+        return True
+    ours, theirs = (metrics["ap50"], metrics["iou"]), (best["ap50"], best["iou"])
+    return ours > theirs if best["iteration"] == 0 else ours >= theirs

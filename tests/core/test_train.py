@@ -503,3 +503,34 @@ def test_resume_keeps_the_normalisation_of_the_stopped_run(tmp_path):
     )
     list(train(samples, output, config=quick(iterations=9, validate_every=4), resume=True))
     assert load_model(output).normalization == Normalization("percentile", 2.0, 98.0)
+
+
+def test_fine_tuning_keeps_the_batch_norm_statistics_of_its_start(tmp_path, monkeypatch):
+    """A few annotated nuclei must not replace the statistics the model was trained with."""
+    import torch
+
+    from napari_tiled_unet.core import train as train_module
+
+    samples = [Sample(*touching_blobs(seed)) for seed in range(2)]
+    start = make_model(depth=2, base_channels=4, norm="batch", seed=5)  # mean 0, var 1
+    save_model(start, tmp_path / "start.safetensors")
+    monkeypatch.setattr(train_module, "_improves", lambda metrics, best: True)  # keep the last
+    list(
+        train(
+            samples,
+            tmp_path / "tuned.safetensors",
+            init=tmp_path / "start.safetensors",
+            config=quick(iterations=3, validate_every=3),
+        )
+    )
+    tuned, started = (
+        load_model(tmp_path / "tuned.safetensors"),
+        load_model(tmp_path / "start.safetensors"),
+    )
+    changed = {
+        name
+        for name, tensor in started.state_dict().items()
+        if not torch.equal(tuned.state_dict()[name], tensor)
+    }
+    assert not {name for name in changed if "running" in name or "batches" in name}
+    assert {"head.weight", "down.0.0.weight"} <= changed  # while the weights did learn

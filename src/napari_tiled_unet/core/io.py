@@ -129,7 +129,8 @@ def open_image(path, name: str = "input", series: int | None = None) -> LazyImag
             "C" if a.get("type") == "channel" else a["name"][0].upper()
             for a in image.get("axes", [])
         )
-    assert isinstance(node, zarr.Array)  # a group resolved to its image above
+    if not isinstance(node, zarr.Array):
+        raise ValueError(f"{name}: {path}: the image's first dataset is not a zarr array")
     if axes is None or len(axes) != node.ndim:
         axes = "Q" * (node.ndim - 2) + "YX"
     return _yx_last(da.from_zarr(node), axes, path, name)

@@ -12,6 +12,22 @@ from dataclasses import dataclass
 PADDINGS = ("valid", "same")
 # Output modes and their output channels (see core.targets).
 MODE_CHANNELS = {"paper": 2, "boundary": 3, "distance": 3}
+
+
+def output_mode(n_classes: int) -> str:
+    """The output mode of a model without a recorded mode: by its outputs, "paper" (2) or
+    "boundary" (3), as files written before the distance mode existed.
+
+    Raises
+    ------
+    ValueError
+        For any other class count.
+    """
+    if n_classes not in (2, 3):
+        raise ValueError(f"n_classes: expected 2 (paper) or 3 (boundary), got {n_classes!r}")
+    return "paper" if n_classes == 2 else "boundary"
+
+
 NORMS = (None, "batch")
 
 
@@ -65,13 +81,7 @@ class UNetConfig:
     @property
     def output_mode(self) -> str:
         """ "paper", "boundary" or "distance" (:mod:`.targets`)."""
-        if self.mode is not None:
-            return self.mode
-        if self.n_classes not in (2, 3):
-            raise ValueError(
-                f"n_classes: expected 2 (paper) or 3 (boundary), got {self.n_classes!r}"
-            )
-        return "paper" if self.n_classes == 2 else "boundary"
+        return self.mode if self.mode is not None else output_mode(self.n_classes)
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)

@@ -19,27 +19,13 @@ still has a boundary of one pixel per object.
 
 from __future__ import annotations
 
-MODES = {2: "paper", 3: "boundary"}
-OUTPUT_MODES = ("paper", "boundary", "distance")
+from .config import MODE_CHANNELS, output_mode
 
-
-def output_mode(n_classes: int) -> str:
-    """The output mode of a model with ``n_classes`` outputs: "paper" (2) or "boundary" (3).
-
-    Raises
-    ------
-    ValueError
-        For any other class count.
-    """
-    if n_classes not in MODES:
-        raise ValueError(f"n_classes: expected 2 (paper) or 3 (boundary), got {n_classes!r}")
-    return MODES[n_classes]
+__all__ = ["class_target", "distance_target", "engine_output", "n_classes_of", "output_mode"]
 
 
 def n_classes_of(mode: str) -> int:
     """The number of outputs of a model of ``mode``."""
-    from .config import MODE_CHANNELS
-
     if mode not in MODE_CHANNELS:
         raise ValueError(f"mode: expected one of {sorted(MODE_CHANNELS)}, got {mode!r}")
     return MODE_CHANNELS[mode]

@@ -138,8 +138,9 @@ def _parser() -> argparse.ArgumentParser:
         "--diameter",
         type=_diameter,
         help="typical object diameter in px, or auto (estimated from the first "
-        "plane): planes are segmented where objects match the model's "
-        "training size, labels mapped back (default: the image as it is)",
+        "plane): planes are segmented where objects match the model's typical "
+        "size, labels mapped back; smaller objects of a size it was trained on are "
+        "left as they are (default: the image as it is)",
     )
     segment.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     segment.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -4,7 +4,7 @@ import torch
 from torch.nn import functional as F
 
 from napari_tiled_unet.core.loss import weighted_cross_entropy
-from napari_tiled_unet.core.metrics import match_objects, pixel_iou
+from napari_tiled_unet.core.metrics import diameter_range, match_objects, pixel_iou
 
 
 def test_unit_weights_equal_torch_cross_entropy():
@@ -88,3 +88,19 @@ def test_matching_many_objects_uses_sparse_overlaps():
     assert (scores.tp, scores.fp, scores.fn) == (12000, 0, 0)
     assert peak < 200e6
     assert match_objects(predicted, truth, 0.7).tp == 120  # only the edge column: 80 / 100
+
+
+def test_the_size_range_is_taken_over_plane_medians_and_zooms():
+    def squares(side, count):
+        labels = np.zeros((200, 200), np.int32)
+        for i in range(count):
+            labels[i * 40 : i * 40 + side, :side] = i + 1
+        return labels
+
+    # plane medians: squares of 10, 20 and 30 px have equivalent diameters 11.28, 22.57, 33.85
+    planes = [squares(10, 3), squares(20, 1), np.zeros((50, 50), np.int32), squares(30, 2)]
+    low, high = diameter_range(planes, percentiles=(0, 100))
+    assert (low, high) == (11.28, 33.85)
+    assert diameter_range(planes, zoom=(0.5, 2.0), percentiles=(0, 100)) == (5.64, 67.7)
+    assert diameter_range(planes) == pytest.approx((13.54, 31.59), abs=0.01)  # 10th, 90th
+    assert diameter_range([np.zeros((9, 9), np.int32)]) == (0.0, 0.0)

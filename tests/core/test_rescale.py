@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from napari_tiled_unet.core.model import UNet, UNetConfig
 from napari_tiled_unet.core.normalize import Normalization
-from napari_tiled_unet.core.rescale import Rescaled, back_to_original
+from napari_tiled_unet.core.rescale import Rescaled, back_to_original, working_factor
 from napari_tiled_unet.core.segment import estimate_diameter, segment
 
 
@@ -18,9 +18,12 @@ class Threshold(UNet):
         return (x[:, :1, c : x.shape[-2] - c, c : x.shape[-1] - c] - 0.5) * 20
 
 
-def threshold_model(diameter=20.0):
+def threshold_model(diameter=20.0, diameter_range=None):
     model = Threshold(UNetConfig(depth=2, base_channels=2)).eval()
-    model.normalization, model.metadata = Normalization("none"), {"diameter": diameter}
+    metadata = {"diameter": diameter}
+    if diameter_range is not None:
+        metadata["diameter_range"] = diameter_range
+    model.normalization, model.metadata = Normalization("none"), metadata
     return model
 
 
@@ -80,6 +83,36 @@ def test_auto_recovers_a_known_object_size_within_15_percent(diameter):
     image = discs(diameter, max(600, 8 * diameter), int(diameter * 2.5))
     estimate = estimate_diameter(model, image, threshold=0.5, device="cpu")
     assert estimate == pytest.approx(diameter, rel=0.15)
+
+
+def test_a_dense_small_image_is_not_taken_for_one_huge_object():
+    # At 1/8 this 256 px window is 32 px: the discs blur into one blob that measured about
+    # 200 px, which made the estimate 10x too large and the run refuse its own scale.
+    model = threshold_model(diameter=20.0)
+    image = discs(20, 256, 24)
+    assert estimate_diameter(model, image, threshold=0.5, device="cpu") == pytest.approx(
+        20, rel=0.15
+    )
+    events = list(segment(model, image, diameter="auto", device="cpu"))
+    assert events[-1].factor == 1.0 and events[-1].planes[-1].count == 100
+
+
+def test_small_objects_of_a_familiar_size_are_left_unscaled_and_large_ones_brought_down():
+    metadata = {"diameter": 20.0, "diameter_range": [12.0, 40.0]}
+    assert working_factor(metadata, 12.0) == working_factor(metadata, 19.0) == 1.0
+    assert working_factor(metadata, 30.0) == pytest.approx(2 / 3)
+    assert working_factor(metadata, 60.0) == pytest.approx(1 / 3)
+    assert working_factor(metadata, 10.0) == pytest.approx(2.0)
+    # no recorded range: only sizes within 5% of the model's count as its own
+    assert working_factor({"diameter": 20.0}, 20.8) == 1.0
+    assert working_factor({"diameter": 20.0}, 15.0) == pytest.approx(4 / 3)
+    model = threshold_model(diameter=20.0, diameter_range=[12.0, 40.0])
+    for size, factor, count in ((15, 1.0, 16 * 16), (60, 1 / 3, 4 * 4)):
+        image = discs(size, 600, int(size * 2.5))
+        events = list(segment(model, image, diameter="auto", device="cpu"))
+        assert events[-1].diameter == pytest.approx(size, rel=0.15)
+        assert events[-1].factor == pytest.approx(factor, rel=0.15)
+        assert events[-1].planes[-1].count == count
 
 
 def test_diameter_needs_a_model_that_knows_its_size():

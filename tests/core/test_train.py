@@ -312,10 +312,18 @@ def test_zoomed_patches_scale_objects_and_the_model_records_their_diameter(tmp_p
     output = tmp_path / "m.safetensors"
     list(
         train(
-            [Sample(image, labels)], output, config=quick(iterations=2, patch=92), model_config=TINY
+            [Sample(image, labels)],
+            output,
+            config=quick(
+                iterations=2, patch=92, augmentation=replace(Augmentation(), zoom=(0.5, 2.0))
+            ),
+            model_config=TINY,
         )
     )
-    assert load_model(output).metadata["diameter"] == pytest.approx(22.57, abs=0.01)
+    metadata = load_model(output).metadata
+    assert metadata["diameter"] == pytest.approx(22.57, abs=0.01)
+    # one 22.57 px object seen at zooms 0.5-2 (log-uniform): the 10th and 90th percentiles
+    assert metadata["diameter_range"] == pytest.approx([12.99, 39.39], abs=0.01)
 
 
 def test_sparse_ids_near_two_to_the_32_train_like_small_ones():

@@ -119,6 +119,35 @@ def split_touching_pairs(predicted: np.ndarray, truth: np.ndarray) -> tuple[int,
     return split, len(pairs)
 
 
+def diameter_range(
+    label_planes, zoom: tuple[float, float] = (1.0, 1.0), percentiles=(10, 90)
+) -> tuple[float, float]:
+    """The object sizes a model trained on ``label_planes`` has seen often: the ``percentiles``
+    of the planes' median equivalent diameters (px), each plane seen at zooms spread
+    log-uniformly over ``zoom`` (the training's scale augmentation).
+
+    Parameters
+    ----------
+    label_planes : iterable of ndarray, each shape (Y, X)
+        Instance labels, 0 = background; planes without objects are skipped.
+    zoom : (float, float)
+        Smallest and largest augmentation zoom.
+
+    Returns
+    -------
+    (float, float)
+        Low and high diameter in px; (0.0, 0.0) when no plane holds an object.
+    """
+    medians = np.array([median_diameter([plane]) for plane in label_planes])
+    medians = medians[medians > 0]
+    if not medians.size:
+        return 0.0, 0.0
+    zooms = np.exp(np.linspace(np.log(zoom[0]), np.log(zoom[1]), 9 if zoom[1] > zoom[0] else 1))
+    seen = (medians[:, None] * zooms[None, :]).ravel()
+    low, high = np.percentile(seen, percentiles)
+    return round(float(low), 2), round(float(high), 2)
+
+
 def median_diameter(label_planes) -> float:
     """Median equivalent diameter ``sqrt(4 area / pi)`` in pixels of the objects in
     ``label_planes`` (each shape (Y, X), 0 = background); 0.0 when there are none."""

@@ -113,6 +113,26 @@ def _nearest(length: int, factor: float, working: int) -> np.ndarray:
     return np.clip(np.rint(position), 0, working - 1).astype(np.int64)
 
 
+# Without a recorded size range, objects within 5% of the model's size are left as they are.
+_SAME_SIZE = 0.05
+
+
+def working_factor(metadata: dict, diameter: float) -> float:
+    """The working-scale factor for objects of ``diameter`` px, from a model's ``metadata``.
+
+    Objects larger than the model's typical diameter (``metadata["diameter"]``) are brought
+    down to it: downsampling keeps what the network needs. Smaller objects are left as they
+    are while the model was trained on objects that small (the low end of
+    ``metadata["diameter_range"]``, :func:`~.metrics.diameter_range`): upsampling only blurs
+    them into a look the network has not seen. Smaller still, they are brought up to it.
+    """
+    factor = factor_for(metadata.get("diameter"), diameter)
+    low = (metadata.get("diameter_range") or (math.inf,))[0]
+    if abs(factor - 1.0) <= _SAME_SIZE or (factor > 1.0 and diameter >= low):
+        return 1.0
+    return factor
+
+
 def factor_for(model_diameter: float | None, diameter: float) -> float:
     """The working-scale factor that brings objects of ``diameter`` px to the model's size."""
     if not model_diameter:

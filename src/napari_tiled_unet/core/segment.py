@@ -25,6 +25,7 @@ from .rescale import (
     back_to_original,
     check_factor,
     factor_for,
+    working_factor,
 )
 from .targets import engine_output
 
@@ -179,8 +180,6 @@ def segment(
     return labeller.drain(events)
 
 
-# Objects within 5% of the model's size are segmented as they are.
-_SAME_SIZE = 0.05
 _ESTIMATE_WINDOW = 1024
 
 
@@ -188,16 +187,16 @@ def _working_scale(model, image, channel_axis, diameter, threshold, min_size, en
     """(object diameter, working-scale factor) for ``diameter`` (None, px or "auto")."""
     if diameter is None:
         return None, 1.0
-    model_diameter = model.metadata.get("diameter")
-    if diameter == "auto":
-        factor_for(model_diameter, 1.0)  # the model must know its size: fail before work
-        diameter = estimate_diameter(model, image, channel_axis, threshold, min_size, **engine)
-        if diameter is None:  # nothing found: nothing to scale by
-            return None, 1.0
-    factor = factor_for(model_diameter, diameter)
-    if abs(factor - 1.0) <= _SAME_SIZE:
-        return float(diameter), 1.0
-    check_factor(factor)
+    if diameter != "auto":
+        factor = working_factor(model.metadata, diameter)
+        check_factor(factor)
+        return float(diameter), factor
+    factor_for(model.metadata.get("diameter"), 1.0)  # the model must know its size: fail early
+    diameter = estimate_diameter(model, image, channel_axis, threshold, min_size, **engine)
+    if diameter is None:  # nothing found: nothing to scale by
+        return None, 1.0
+    # an estimate beyond the working scales is used as far as they reach, not refused
+    factor = min(max(working_factor(model.metadata, diameter), SMALLEST_FACTOR), LARGEST_FACTOR)
     return float(diameter), factor
 
 
@@ -205,6 +204,9 @@ def _working_scale(model, image, channel_axis, diameter, threshold, min_size, en
 _SEARCH_FACTORS = (0.125, 0.25, 0.5, 1.0, 2.0)
 # objects the model segments as objects: within this range of its training diameter
 _COMFORT = (0.6, 1.6)
+# a scale is searched only where the window is this many model-sized objects across: in a
+# smaller one, one blob (or the whole window) would pass for an object
+_WINDOW_OBJECTS = 4
 
 
 def estimate_diameter(
@@ -215,7 +217,8 @@ def estimate_diameter(
 
     A network splits objects far larger than its training size into pieces of about that
     size, so one pass at the image's own scale can be badly wrong. The window is segmented at
-    the scales 1/8, 1/4, 1/2, 1 and 2; of the scales at which the objects found measure near
+    the scales 1/8, 1/4, 1/2, 1 and 2 (those at which it is at least 4 model diameters
+    across); of the scales at which the objects found measure near
     the model's own diameter (0.6 to 1.6 times), the largest estimate is kept (fragments are
     smaller than the objects they come from), and one more pass at the scale that estimate
     implies refines it, when it agrees (its objects, too, measure near the model's size).
@@ -230,6 +233,8 @@ def estimate_diameter(
         return _measured(model, plane, 1.0, threshold, min_size, engine)
     candidates = []
     for factor in _SEARCH_FACTORS:
+        if min(plane.shape[-2:]) * factor < _WINDOW_OBJECTS * model_diameter:
+            continue
         found = _measured(model, plane, factor, threshold, min_size, engine)
         if found is not None and _COMFORT[0] <= found * factor / model_diameter <= _COMFORT[1]:
             candidates.append(found)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .augment import Augmentation
-from .metrics import median_diameter
+from .metrics import diameter_range, median_diameter
 from .model import UNet, UNetConfig
 from .normalize import Normalization
 from .presets import FINE_TUNE, SCRATCH
@@ -253,6 +253,16 @@ class _Session:
             return float(previous["diameter"])
         return median_diameter([p.truth for p in self.train_planes])
 
+    @cached_property
+    def diameter_range(self) -> list[float]:
+        """The object sizes (px) the network saw often in training, scale augmentation included
+        (:func:`~.metrics.diameter_range`). A fine-tuned model keeps its parent's."""
+        previous = dict(self.model.metadata)
+        if previous.get("diameter_range"):
+            return [float(d) for d in previous["diameter_range"]]
+        zoom = self.config.augmentation.zoom
+        return list(diameter_range([p.truth for p in self.train_planes], zoom))
+
     @classmethod
     def prepared(cls, samples, output, config, model_config, init, resume, should_stop):
         import torch
@@ -437,6 +447,7 @@ class _Session:
             },
             "training_planes": len(self.train_planes),
             "diameter": self.diameter,
+            "diameter_range": self.diameter_range,
             "validation_planes": len(self.val_planes),
             # samples never trained on (none when a lone image validates on itself)
             "validation_samples": sorted(

@@ -667,13 +667,24 @@ def test_a_planar_rgb_file_is_averaged_to_grey_with_a_message_and_none_keeps_the
     assert tifffile.imread(tmp_path / "planes.tif").shape == (3, 60, 70)
 
 
-@pytest.mark.parametrize("fine_tuning", [False, True])
+@pytest.mark.parametrize("fine_tuning", [False, True, "resumed"])
 def test_train_takes_its_defaults_from_the_core_presets(
     tmp_path, model_file, monkeypatch, fine_tuning
 ):
     from napari_tiled_unet.core import train as train_module
     from napari_tiled_unet.core.presets import FINE_TUNE, SCRATCH, SCRATCH_ARCHITECTURE
 
+    from .synthetic import touching_blobs
+
+    if fine_tuning == "resumed":  # a fine-tuning run stopped at once: its checkpoint says so
+        sample = train_module.Sample(*touching_blobs(0, size=96))
+        config = train_module.TrainConfig(iterations=5, patch=92, batch=1, device="cpu")
+        output = tmp_path / "m.safetensors"
+        list(
+            train_module.train(
+                [sample], output, config=config, init=model_file, should_stop=lambda: True
+            )
+        )
     seen = {}
 
     class Captured(Exception):
@@ -686,7 +697,7 @@ def test_train_takes_its_defaults_from_the_core_presets(
     monkeypatch.setattr(train_module, "train", fake_train)
     images, labels = annotated_files(tmp_path, [0], 96)
     args = ["train", "--images", *images, "--labels", *labels, "-o", tmp_path / "m.safetensors"]
-    args += ["--init", model_file] if fine_tuning else []
+    args += {False: [], True: ["--init", model_file], "resumed": ["--resume"]}[fine_tuning]
     with pytest.raises(Captured):
         cli.main([str(a) for a in args] + ["--quiet"])
     preset = FINE_TUNE if fine_tuning else SCRATCH

@@ -765,7 +765,7 @@ def _train(args) -> int:
     from .core.model import UNetConfig
     from .core.presets import preset_for
     from .core.targets import n_classes_of
-    from .core.train import TrainConfig, train
+    from .core.train import TrainConfig, resumes_fine_tuning, train
 
     check_output_path(
         "--output",
@@ -776,7 +776,8 @@ def _train(args) -> int:
     if args.resume and args.init:
         raise UsageError("--resume: continues the run writing --output; do not combine with --init")
     samples = _training_samples(args)
-    preset = preset_for(args.init is not None)
+    # a resumed fine-tuning run goes on with the fine-tuning defaults it started with
+    preset = preset_for(args.init is not None or (args.resume and resumes_fine_tuning(args.output)))
     config = TrainConfig(
         iterations=_given(args.iterations, preset.iterations),
         batch=args.batch,

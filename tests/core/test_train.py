@@ -513,3 +513,35 @@ def test_fine_tuning_keeps_the_batch_norm_statistics_of_its_start(tmp_path, monk
     }
     assert not {name for name in changed if "running" in name or "batches" in name}
     assert {"head.weight", "down.0.0.weight"} <= changed  # while the weights did learn
+
+
+def test_a_resumed_fine_tuning_run_stays_fine_tuning(tmp_path):
+    """Resuming keeps the guard (the start's score) and the start's batch-norm statistics."""
+    import torch
+
+    from napari_tiled_unet.core.train import resumes_fine_tuning
+
+    samples = [Sample(*touching_blobs(seed)) for seed in range(2)]
+    start = make_model(depth=2, base_channels=4, norm="batch", seed=5)
+    save_model(start, tmp_path / "start.safetensors")
+    output, polls = tmp_path / "tuned.safetensors", []
+    config = quick(iterations=6, validate_every=3)
+    stopped = list(
+        train(
+            samples,
+            output,
+            init=tmp_path / "start.safetensors",
+            config=config,
+            should_stop=lambda: polls.append(1) or len(polls) > 4,
+        )
+    )
+    assert stopped[-1].stopped and stopped[-1].baseline["iteration"] == 0
+    assert resumes_fine_tuning(output) and not resumes_fine_tuning(tmp_path / "none.safetensors")
+    resumed = list(train(samples, output, config=config, resume=True))
+    assert [e.iteration for e in resumed] == [5, 6]
+    assert resumed[-1].baseline == stopped[-1].baseline
+    assert resumed[-1].best["iteration"] in (0, 3, 6)
+    checkpoint = torch.load(tmp_path / "tuned.checkpoint.pt", weights_only=True)
+    for name, tensor in start.state_dict().items():
+        if "running" in name or "batches" in name:
+            assert torch.equal(checkpoint["model"][name], tensor), name

@@ -233,6 +233,7 @@ class _Session:
     resumed: dict | None = None
     fine_tuning: bool = False
     held_out: bool = True
+    baseline: dict | None = None
 
     @cached_property
     def data(self) -> DataSummary:
@@ -292,7 +293,8 @@ class _Session:
             config,
             should_stop,
             resumed,
-            fine_tuning=init is not None and resumed is None,
+            # a resumed run goes on as what it was: fine-tuning keeps its guard and statistics
+            fine_tuning=init is not None if resumed is None else bool(resumed.get("fine_tuning")),
             held_out=held_out,
         )
 
@@ -313,13 +315,13 @@ class _Session:
         if self.resumed:
             optimizer.load_state_dict(self.resumed["optimizer"])
             first, best = self.resumed["iteration"] + 1, self.resumed["best"]
-        # The model fine-tuning starts from, scored on the same validation data, is the output
-        # until a fine-tuned one validates better: a run never leaves a worse model behind.
-        baseline = dict(self._validate(model, device), iteration=0) if self.fine_tuning else None
-        if baseline is not None:
-            best = baseline
+            self.baseline = self.resumed.get("baseline")
+        elif self.fine_tuning:
+            # The model fine-tuning starts from, scored on the same validation data, is the
+            # output until a fine-tuned one validates better: a run never leaves a worse model.
+            self.baseline = best = dict(self._validate(model, device), iteration=0)
             self._save(model, 0, best)
-        context: dict[str, Any] = {"data": self.data, "baseline": baseline}
+        context: dict[str, Any] = {"data": self.data, "baseline": self.baseline}
         loss = float("nan")
         for iteration in range(first, config.iterations + 1):
             if self.should_stop():
@@ -472,6 +474,8 @@ class _Session:
             "best": best,
             "metadata": dict(self.model.metadata),
             "normalization": self.config.normalization.to_dict(),
+            "fine_tuning": self.fine_tuning,
+            "baseline": self.baseline,
         }
         target = checkpoint_path(self.output)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
@@ -491,6 +495,15 @@ class _Session:
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def resumes_fine_tuning(output) -> bool:
+    """Whether the checkpoint beside ``output`` is of a fine-tuning run (False when there is
+    none: :func:`train` then reports that)."""
+    try:
+        return bool(_read_checkpoint(Path(output)).get("fine_tuning"))
+    except ValueError:
+        return False
 
 
 def _read_checkpoint(output: Path) -> dict:

@@ -141,10 +141,11 @@ def test_sigterm_is_reported_with_the_shells_code_and_writes_nothing(
     assert not labels.exists() and not list(tmp_path.glob(".*.partial"))
 
 
-def test_huge_planes_are_segmented_in_blocks_with_the_same_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("colour", [False, True])
+def test_huge_planes_are_segmented_in_blocks_with_the_same_result(tmp_path, monkeypatch, colour):
     """Planes over HUGE_PLANE_PIXELS go through the block-wise path (bounded memory): the same
     probabilities, and the same objects up to a renumbering, as the whole-plane path; objects
-    cut by the 48 px blocks are joined."""
+    cut by the 48 px blocks are joined. RGB planes are averaged to grey in both paths."""
     from scipy import ndimage
 
     from napari_tiled_unet.core import distributed
@@ -157,7 +158,12 @@ def test_huge_planes_are_segmented_in_blocks_with_the_same_result(tmp_path, monk
     rng = np.random.default_rng(3)
     stack = ndimage.gaussian_filter(rng.random((2, 150, 170)), (0, 5, 5))
     stack = ((stack - stack.min()) / np.ptp(stack) * 255).astype(np.uint8)
-    tifffile.imwrite(tmp_path / "in.tif", stack)
+    if colour:  # three different colours: their mean is what a one-channel model sees
+        rgb = np.stack([stack, stack[:, ::-1], stack[:, :, ::-1]], axis=-1)
+        tifffile.imwrite(tmp_path / "in.tif", rgb, photometric="rgb")
+        stack = rgb.mean(axis=-1, dtype=np.float32)
+    else:
+        tifffile.imwrite(tmp_path / "in.tif", stack)
     threshold = np.percentile(predict_array(model, stack), 60)
     args = [
         str(tmp_path / "in.tif"),

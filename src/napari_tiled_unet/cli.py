@@ -208,6 +208,7 @@ def _segment(args) -> int:
 def _segment_on_cluster(args) -> int:
     """``-o OUT.zarr``: everything checked, the cluster reached, then the blocks run."""
     from .core import distributed
+    from .core.channels import grey_message
     from .core.modelfile import load_model
 
     _refuse_for_zarr(args)
@@ -219,6 +220,11 @@ def _segment_on_cluster(args) -> int:
         job = _block_job(args, args.input[0], args.output, model, block)
     except ValueError as error:
         raise UsageError(_as_option(str(error))) from None
+    if job.grey_axis is not None:
+        print(
+            f"tiled-unet segment: {args.input[0].name}: {grey_message(job.grey_axis)}",
+            file=sys.stderr,
+        )
     stop = _StopFlag()
     with _dask_client(args) as client, stop.installed():
         try:
@@ -253,7 +259,7 @@ def _block_job(args, source: Path, store: Path, model, block: int):
         store,
         model=model,
         series=args.series,
-        channel_axis=None if args.channel_axis == "none" else args.channel_axis,
+        channel_axis={None: "auto", "none": None}.get(args.channel_axis, args.channel_axis),
         block=block,
         threshold=args.threshold,
         min_size=args.min_size,
@@ -473,18 +479,11 @@ def _plane_axes(image) -> str:
 
 def _segment_file(args, image, outputs, model) -> int:
     from .core.batch import FileOutputs, segment_file
-    from .core.channels import GreyView
     from .core.io import IncompleteWrite
     from .core.predict import positive_or_auto
     from .core.shapes import output_shape
 
     shape = output_shape(image.shape, image.channel_axis)
-    if shape[-2] * shape[-1] > HUGE_PLANE_PIXELS and isinstance(image.data, GreyView):
-        raise UsageError(
-            f"--channel-axis: colour planes over {HUGE_PLANE_PIXELS // 2**20} Mpx are segmented "
-            f"block by block, which does not average colours; convert {args.input} to grey, "
-            f"or pass --channel-axis none"
-        )
     if shape[-2] * shape[-1] > HUGE_PLANE_PIXELS:
         return _segment_in_blocks(args, outputs, model, _plane_axes(image))
     stop = _StopFlag()

@@ -61,7 +61,11 @@ class GreyView:
         return grey if dtype is None else grey.astype(dtype)
 
 
-def grey_message(axis: int, override: str) -> str:
+# how a command-line user chooses otherwise (the widget says it its own way)
+CLI_OVERRIDE = "pass --channel-axis none to segment each colour as a plane"
+
+
+def grey_message(axis: int, override: str = CLI_OVERRIDE) -> str:
     """What the user is told when colours were averaged: the axis, and how to choose otherwise."""
     return (
         f"image: the colours on axis {axis} (RGB) were averaged to grey for this one-channel "
@@ -72,7 +76,7 @@ def grey_message(axis: int, override: str) -> str:
 def fit_colours(
     image: LazyImage,
     in_channels: int,
-    override: str = "pass --channel-axis none to segment each colour as a plane",
+    override: str = CLI_OVERRIDE,
 ) -> tuple[LazyImage, str | None]:
     """The image as a model with ``in_channels`` inputs sees it, by the rule above.
 

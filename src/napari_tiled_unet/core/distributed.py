@@ -69,6 +69,9 @@ class ClusterJob:
         Engine settings (:func:`~.predict.predict`).
     model_stamp : str
         The model file's size and modification time: a changed model does not resume.
+    grey_axis : int or None
+        The input's colour axis when its colours are averaged to grey for a one-channel model
+        (:func:`~.channels.fit_colours`); ``channel_axis`` is then None.
     """
 
     model: str
@@ -87,6 +90,7 @@ class ClusterJob:
     device: str = "auto"
     precision: str = "auto"
     model_stamp: str = ""
+    grey_axis: int | None = None
 
     @property
     def leading(self) -> tuple[int, ...]:
@@ -156,7 +160,7 @@ def plan_job(
     *,
     model,
     series=None,
-    channel_axis=None,
+    channel_axis: int | str | None = "auto",
     block: int | tuple[int, int] = DEFAULT_BLOCK,
     threshold=None,
     min_size=None,
@@ -173,12 +177,16 @@ def plan_job(
     model_path, input_path, output : str or Path
     model : UNet
         The loaded model (checked: 2 classes; block size against its geometry).
+    channel_axis : int, "auto" or None
+        The input's channel axis; "auto": the one its metadata gives, with colours averaged to
+        grey for a one-channel model (:func:`~.channels.fit_colours`); None: no channel axis.
 
     Raises
     ------
     ValueError
         Naming the parameter, what was expected and what was given.
     """
+    from .channels import GreyView, fit_colours
     from .io import open_image
     from .postprocess import postprocess_options
     from .predict import _check_channels
@@ -191,7 +199,12 @@ def plan_job(
         )
     threshold, min_size = postprocess_options(model.metadata, threshold, min_size)
     image = open_image(input_path, series=series)
-    channel_axis = image.channel_axis if channel_axis is None else channel_axis
+    grey_axis = None
+    if channel_axis == "auto":
+        fitted, _ = fit_colours(image, model.config.in_channels)
+        if isinstance(fitted.data, GreyView):
+            grey_axis, image = image.channel_axis, fitted
+        channel_axis = image.channel_axis
     channel_axis = normalised_axis(channel_axis, len(image.shape))
     _check_channels(model, image.data, channel_axis)
     axes = "".join(without_channel(image.axes, channel_axis))
@@ -217,6 +230,7 @@ def plan_job(
         device,
         precision,
         f"{stamp.st_size}:{stamp.st_mtime_ns}",
+        grey_axis,
     )
 
 
@@ -493,11 +507,17 @@ def _worker_model(job: ClusterJob):
 
 
 def _worker_image(job: ClusterJob):
-    key = ("image", job.input, job.series)
+    key = ("image", job.input, job.series, job.grey_axis)
     if key not in _WORKER_CACHE:
+        from dataclasses import replace
+
+        from .channels import GreyView
         from .io import open_image
 
-        _WORKER_CACHE[key] = open_image(job.input, series=job.series)
+        image = open_image(job.input, series=job.series)
+        if job.grey_axis is not None:
+            image = replace(image, data=GreyView(image.data, job.grey_axis), channel_axis=None)
+        _WORKER_CACHE[key] = image
     return _WORKER_CACHE[key]
 
 

@@ -203,6 +203,10 @@ def release_mapped_pages(data) -> None:
     """
     import mmap
 
+    from .channels import GreyView
+
+    if isinstance(data, GreyView):  # the colours it averages are the mapped pages
+        data = data.data
     mapping = getattr(data, "_mmap", None)
     if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
         mapping.madvise(mmap.MADV_DONTNEED)

@@ -296,6 +296,11 @@ def test_a_three_class_model_is_refused(case, tmp_path):
         )
 
 
+def test_a_channel_axis_that_is_not_one_is_refused(case, tmp_path):
+    with pytest.raises(ValueError, match="channel_axis: expected an axis number, 'auto' or None"):
+        _job(case, tmp_path / "out.zarr", channel_axis="colour")
+
+
 def test_napari_reader_opens_a_finished_store_and_nothing_else(case, client, tmp_path):
     from napari_tiled_unet._napari.reader import get_reader
 

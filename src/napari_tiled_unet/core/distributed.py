@@ -205,6 +205,10 @@ def plan_job(
         if isinstance(fitted.data, GreyView):
             grey_axis, image = image.channel_axis, fitted
         channel_axis = image.channel_axis
+    if isinstance(channel_axis, str):
+        raise ValueError(
+            f"channel_axis: expected an axis number, 'auto' or None, got {channel_axis!r}"
+        )
     channel_axis = normalised_axis(channel_axis, len(image.shape))
     _check_channels(model, image.data, channel_axis)
     axes = "".join(without_channel(image.axes, channel_axis))

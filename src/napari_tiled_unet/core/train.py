@@ -500,9 +500,14 @@ class _Session:
 def resumes_fine_tuning(output) -> bool:
     """Whether the checkpoint beside ``output`` is of a fine-tuning run (False when there is
     none: :func:`train` then reports that)."""
-    try:
-        return bool(_read_checkpoint(Path(output)).get("fine_tuning"))
-    except ValueError:
+    import torch
+
+    path = checkpoint_path(output)
+    if not path.is_file():
+        return False
+    try:  # the flag only: the weights are checked when train() reads the checkpoint
+        return bool(torch.load(path, map_location="cpu", weights_only=True).get("fine_tuning"))
+    except Exception:
         return False
 
 

@@ -36,7 +36,7 @@ def discs(diameter, size, spacing):
     return image
 
 
-@pytest.mark.parametrize("factor", [2.0, 0.5, 1.7, 3.0])
+@pytest.mark.parametrize("factor", [2.0, 0.5, 1.7, 3.0, 1 / 3, 0.37, 0.125])
 def test_any_window_of_a_rescaled_image_equals_the_whole(factor, rng):
     image = rng.random((2, 37, 53)).astype(np.float32)
     view = Rescaled(image, factor)
@@ -44,10 +44,25 @@ def test_any_window_of_a_rescaled_image_equals_the_whole(factor, rng):
     assert whole.shape == view.shape == (2, round(37 * factor), round(53 * factor))
     assert np.array_equal(view[1, 5:17, 3:30], whole[1, 5:17, 3:30])
     assert np.array_equal(view[0, ::3, ::2], whole[0, ::3, ::2])
-    assert view[1, 4, 7] == whole[1, 4, 7]
+    row, col = view.shape[1] - 1, view.shape[2] // 2  # the last row: footprints clipped there
+    assert view[1, row, col] == whole[1, row, col]
     if factor == 2.0:  # linear, pixel centres aligned: scipy's zoom in grid mode
         reference = ndimage.zoom(image[0], 2.0, order=1, grid_mode=True, mode="nearest")
         assert np.abs(whole[0] - reference).max() < 1e-6
+
+
+def test_shrinking_averages_each_footprint_like_larger_camera_pixels(rng):
+    image = rng.random((3, 36, 54)).astype(np.float32)
+    halved = Rescaled(image, 0.5)[:, :, :]
+    binned = image.reshape(3, 18, 2, 27, 2).mean(axis=(2, 4))
+    assert np.abs(halved - binned).max() < 1e-6
+    # footprints of 1 / 0.4 = 2.5 px: working pixel 1 covers source [2.5, 5), so half of
+    # pixel 2 and all of pixels 3 and 4: (0.5 * 2 + 3 + 4) / 2.5 = 3.2
+    row = np.arange(10, dtype=np.float32)[None, :]
+    assert Rescaled(row, 0.4)[0, :].tolist() == pytest.approx([0.8, 3.2, 5.8, 8.2], abs=1e-6)
+    # fine noise is averaged away, not sampled: checkerboard -> its mean
+    board = (np.indices((40, 40)).sum(axis=0) % 2).astype(np.float32)
+    assert np.abs(Rescaled(board, 0.25)[:, :] - 0.5).max() < 1e-6
 
 
 def test_factors_out_of_range_are_refused():

@@ -38,7 +38,9 @@ def source_coordinates(indices: np.ndarray, factor: float, length: int) -> np.nd
 
 
 class Rescaled:
-    """An image (..., Y, X) seen at ``factor`` times its size, resampled on access.
+    """An image (..., Y, X) seen at ``factor`` times its size, resampled on access: linear
+    interpolation when enlarging, the mean over each working pixel's footprint (area
+    averaging) when shrinking.
 
     Supports what the engine and the normaliser ask of an array: ``shape``, ``dtype``, ``ndim``
     and indexing with integers and slices (steps included) on every axis.
@@ -67,14 +69,17 @@ class Rescaled:
         *lead, rows, cols = key
         (r0, r1, rw), (c0, c1, cw) = (self._axis(k, -2 + i) for i, k in enumerate((rows, cols)))
         block = np.asarray(self.image[tuple(lead) + (slice(r0, r1), slice(c0, c1))], np.float32)
-        return _interpolate(_interpolate(block, rw, -2), cw, -1)
+        resample = _interpolate if self.factor >= 1.0 else _average
+        return resample(resample(block, rw, -2), cw, -1)
 
     def _axis(self, index, axis):
-        """Source window and interpolation weights for one working-scale axis index."""
+        """Source window and resampling weights for one working-scale axis index."""
         length, working = self.source_shape[axis], self.shape[axis]
         wanted = np.arange(working)[index]
         scalar = np.ndim(wanted) == 0
         wanted = np.atleast_1d(wanted)
+        if self.factor < 1.0:
+            return _footprints(wanted, self.factor, length, scalar)
         position = source_coordinates(wanted, self.factor, length)
         low = np.floor(position).astype(np.int64)
         high = np.minimum(low + 1, length - 1)
@@ -89,6 +94,39 @@ def _interpolate(block: np.ndarray, weights, axis: int) -> np.ndarray:
     shape = [1] * block.ndim
     shape[axis] = -1
     out = a + (b - a) * fraction.reshape(shape)
+    return np.squeeze(out, axis=axis) if scalar else out
+
+
+def _footprints(wanted: np.ndarray, factor: float, length: int, scalar: bool):
+    """Source window and area weights (a sparse working x window matrix) of working-scale
+    pixels ``wanted``: pixel i covers source [i / factor, (i + 1) / factor), clipped to the
+    axis; each source pixel weighs by its overlap with it."""
+    from scipy import sparse
+
+    left = np.clip(wanted / factor, 0, length)
+    right = np.clip((wanted + 1) / factor, 0, length)
+    if not wanted.size:
+        return 0, 0, (sparse.csr_matrix((0, 0), dtype=np.float32), scalar)
+    start, stop = int(np.floor(left.min())), int(np.ceil(right.max()))
+    reach = int(np.ceil(1 / factor)) + 1  # source pixels one footprint can touch
+    source = np.floor(left)[:, None].astype(np.int64) + np.arange(reach)
+    overlap = np.minimum(right[:, None], source + 1) - np.maximum(left[:, None], source)
+    weights = np.clip(overlap, 0, None) / (right - left)[:, None]
+    rows = np.broadcast_to(np.arange(len(wanted))[:, None], source.shape)
+    used = weights > 0
+    matrix = sparse.csr_matrix(
+        (weights[used].astype(np.float32), (rows[used], source[used] - start)),
+        shape=(len(wanted), stop - start),
+    )
+    return start, stop, (matrix, scalar)
+
+
+def _average(block: np.ndarray, weights, axis: int) -> np.ndarray:
+    matrix, scalar = weights
+    moved = np.moveaxis(block, axis, 0)
+    flat = moved.reshape(moved.shape[0], int(np.prod(moved.shape[1:])))
+    out = (matrix @ flat).astype(np.float32, copy=False)
+    out = np.moveaxis(out.reshape((matrix.shape[0],) + moved.shape[1:]), 0, axis)
     return np.squeeze(out, axis=axis) if scalar else out
 
 

@@ -359,10 +359,18 @@ def test_object_diameter_defaults_to_auto_for_models_that_know_their_size(
     widget.start()
     qtbot.waitUntil(lambda: not widget.running, timeout=60000)
     assert not errors and viewer.layers["blobs labels"].data.shape == (96, 96)
-    assert "object diameter 28 px" in shown[-1]
+    assert shown[-1].endswith("(object diameter 28 px, segmented at 0.5x)")
     widget._diameter.value = "-2"
     widget.start()
     assert errors and "object diameter: expected a positive number" in errors[-1]
+
+
+def test_the_report_names_the_object_size_and_the_working_scale():
+    assert segment_module._size_note(None) == ""
+    assert segment_module._size_note((21.6, 1.0)) == " (object diameter 22 px, segmented as it is)"
+    assert segment_module._size_note((60.0, 1 / 3)) == (
+        " (object diameter 60 px, segmented at 0.333x)"
+    )
 
 
 def test_a_cluster_store_opens_as_probabilities_and_labels_layers(viewer, tmp_path, rng):

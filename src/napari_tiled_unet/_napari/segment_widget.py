@@ -437,7 +437,7 @@ class SegmentWidget(Container):
         elif result is None:
             show_info(f"Segmentation of {job.name!r} cancelled; nothing was added")
         elif job.layer in self._viewer.layers:
-            labels, probability, count, diameter, table = result
+            labels, probability, count, size, table = result
             layer = self._show_labels(job, labels)
             if table is not None:
                 import pandas as pd
@@ -451,8 +451,7 @@ class SegmentWidget(Container):
                     blending="additive",
                     **job.placement.layer_kwargs(),
                 )
-            size = "" if diameter is None else f" (object diameter {diameter:.0f} px)"
-            show_info(f"{job.name}: {count} objects{size}")
+            show_info(f"{job.name}: {count} objects{_size_note(size)}")
             self._keep_cache()
 
     def _keep_cache(self) -> None:
@@ -587,8 +586,9 @@ class _Collector:
         else:
             self.planes[lead] = labels
 
-    def result(self, diameter):
-        """(labels, probability or None, object count, diameter, measurements or None)."""
+    def result(self, size):
+        """(labels, probability or None, object count, size, measurements or None); ``size``
+        is (object diameter, working scale) when a diameter was given or estimated."""
         if self.table is not None:
             self.table.commit()
         count = self.count if self.linker is None else self.linker.next_id - 1
@@ -597,7 +597,7 @@ class _Collector:
             labels,
             self.probability,
             count,
-            diameter,
+            size,
             None if self.table is None else self.table.columns,
         )
 
@@ -646,7 +646,7 @@ def _segment(job: SegmentJob, keep: dict):
                 maps = _kept(maps, shape[:-2], plane, lazy)
                 collector.add(plane.index, plane.lead, plane.labels, plane.probability, plane.count)
             yield event
-        result = collector.result(event.diameter if event is not None else None)
+        result = collector.result(_size(event))
     finally:
         collector.discard()
     keep["cache"] = RelabelCache(
@@ -659,6 +659,21 @@ def _segment(job: SegmentJob, keep: dict):
         model.config.output_mode,
     )
     return result
+
+
+def _size(step) -> tuple[float, float] | None:
+    """(object diameter, working scale) of a segment step or relabel cache, if it had one."""
+    if step is None or step.diameter is None:
+        return None
+    return step.diameter, step.factor
+
+
+def _size_note(size) -> str:
+    if size is None:
+        return ""
+    diameter, factor = size
+    scale = "as it is" if factor == 1.0 else f"at {factor:.3g}x"
+    return f" (object diameter {diameter:.0f} px, segmented {scale})"
 
 
 def _kept(maps, leading, plane, lazy: bool):
@@ -695,7 +710,7 @@ def _relabel(job: SegmentJob, cache: RelabelCache):
             )
             collector.add(index, lead, labels, probability, int(labels.max()))
             yield RelabelProgress(index + 1, len(cache.leads))
-        return collector.result(cache.diameter)
+        return collector.result(_size(cache))
     finally:
         collector.discard()
 

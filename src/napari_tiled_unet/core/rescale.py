@@ -62,6 +62,10 @@ class Rescaled:
         )
         self.dtype = np.dtype(np.float32)
         self.ndim = len(self.shape)
+        # (source window and weights of an axis, resampling along it) for this direction
+        self._weights, self._resample = (
+            (_linear_weights, _interpolate) if factor >= 1.0 else (_footprints, _average)
+        )
 
     def __getitem__(self, key):
         key = key if isinstance(key, tuple) else (key,)
@@ -69,23 +73,24 @@ class Rescaled:
         *lead, rows, cols = key
         (r0, r1, rw), (c0, c1, cw) = (self._axis(k, -2 + i) for i, k in enumerate((rows, cols)))
         block = np.asarray(self.image[tuple(lead) + (slice(r0, r1), slice(c0, c1))], np.float32)
-        resample = _interpolate if self.factor >= 1.0 else _average
-        return resample(resample(block, rw, -2), cw, -1)
+        return self._resample(self._resample(block, rw, -2), cw, -1)
 
     def _axis(self, index, axis):
         """Source window and resampling weights for one working-scale axis index."""
         length, working = self.source_shape[axis], self.shape[axis]
         wanted = np.arange(working)[index]
         scalar = np.ndim(wanted) == 0
-        wanted = np.atleast_1d(wanted)
-        if self.factor < 1.0:
-            return _footprints(wanted, self.factor, length, scalar)
-        position = source_coordinates(wanted, self.factor, length)
-        low = np.floor(position).astype(np.int64)
-        high = np.minimum(low + 1, length - 1)
-        start = int(low.min()) if wanted.size else 0
-        stop = int(high.max()) + 1 if wanted.size else 0
-        return start, stop, (low - start, high - start, (position - low).astype(np.float32), scalar)
+        return self._weights(np.atleast_1d(wanted), self.factor, length, scalar)
+
+
+def _linear_weights(wanted: np.ndarray, factor: float, length: int, scalar: bool):
+    """Source window and linear interpolation weights of working-scale pixels ``wanted``."""
+    position = source_coordinates(wanted, factor, length)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, length - 1)
+    start = int(low.min()) if wanted.size else 0
+    stop = int(high.max()) + 1 if wanted.size else 0
+    return start, stop, (low - start, high - start, (position - low).astype(np.float32), scalar)
 
 
 def _interpolate(block: np.ndarray, weights, axis: int) -> np.ndarray:
@@ -103,10 +108,10 @@ def _footprints(wanted: np.ndarray, factor: float, length: int, scalar: bool):
     axis; each source pixel weighs by its overlap with it."""
     from scipy import sparse
 
-    left = np.clip(wanted / factor, 0, length)
-    right = np.clip((wanted + 1) / factor, 0, length)
     if not wanted.size:
         return 0, 0, (sparse.csr_matrix((0, 0), dtype=np.float32), scalar)
+    left = np.clip(wanted / factor, 0, length)
+    right = np.clip((wanted + 1) / factor, 0, length)
     start, stop = int(np.floor(left.min())), int(np.ceil(right.max()))
     reach = int(np.ceil(1 / factor)) + 1  # source pixels one footprint can touch
     source = np.floor(left)[:, None].astype(np.int64) + np.arange(reach)

@@ -702,14 +702,40 @@ def test_train_takes_its_defaults_from_the_core_presets(
         cli.main([str(a) for a in args] + ["--quiet"])
     preset = FINE_TUNE if fine_tuning else SCRATCH
     config = seen["config"]
-    assert (config.iterations, config.lr, config.lr_schedule, config.validate_every) == (
-        preset.iterations,
-        preset.lr,
-        preset.lr_schedule,
-        preset.validate_every,
-    )
+    assert (
+        config.iterations,
+        config.lr,
+        config.lr_schedule,
+        config.validate_every,
+        config.anchor,
+    ) == (preset.iterations, preset.lr, preset.lr_schedule, preset.validate_every, preset.anchor)
     if not fine_tuning:
         assert seen["model_config"].depth == SCRATCH_ARCHITECTURE.depth
         assert seen["model_config"].norm == SCRATCH_ARCHITECTURE.norm == "batch"
     assert train_module.TrainConfig().lr == SCRATCH.lr
     assert train_module.TrainConfig.fine_tuning(seed=3).lr_schedule == FINE_TUNE.lr_schedule
+
+
+def test_train_warns_when_fine_tuning_kept_its_starting_model(
+    tmp_path, model_file, monkeypatch, capsys
+):
+    from napari_tiled_unet.core import train as train_module
+
+    start = {"ap50": 0.62, "iou": 0.7, "f1": 0.7, "iteration": 0}
+    data = train_module.DataSummary(1, 5, 1, 5, held_out=False)
+
+    def kept_start(samples, output, config, model_config, init, resume, should_stop):
+        yield train_module.TrainEvent(500, 500, 0.1, start, start, 9.0, data=data, baseline=start)
+
+    monkeypatch.setattr(train_module, "train", kept_start)
+    images, labels = annotated_files(tmp_path, [0], 96)
+    output = tmp_path / "m.safetensors"
+    args = ["train", "--images", *images, "--labels", *labels, "-o", output, "--init", model_file]
+    assert cli.main([str(a) for a in args] + ["--quiet"]) == 0
+    said = capsys.readouterr().err
+    assert "validating on the same objects (nothing could be held out)" in said
+    assert (
+        f"warning: fine-tuning did not beat {model_file} on the validation data (AP@0.5 0.620, "
+        f"pixel IoU 0.700; better on one and worse on neither replaces it); {output} holds that "
+        "starting model"
+    ) in said

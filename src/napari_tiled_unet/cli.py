@@ -695,6 +695,12 @@ def _add_train_parser(commands):
         help=f"learning rate over the run (cosine: decays to 0 at the last iteration; default: "
         f"{SCRATCH.lr_schedule} from scratch, {FINE_TUNE.lr_schedule} fine-tuning)",
     )
+    train.add_argument(
+        "--anchor",
+        type=float,
+        help=f"fine-tuning: weight of the pull toward the --init weights (L2-SP; default "
+        f"{FINE_TUNE.anchor:g}, 0: none)",
+    )
     train.add_argument("--depth", type=int, default=SCRATCH_ARCHITECTURE.depth)
     train.add_argument("--base-channels", type=int, default=SCRATCH_ARCHITECTURE.base_channels)
     train.add_argument(
@@ -792,6 +798,7 @@ def _train(args) -> int:
         val_fraction=args.val_fraction,
         val_split=args.val_split,
         validate_every=_given(args.validate_every, preset.validate_every),
+        anchor=_given(args.anchor, preset.anchor),
         seed=args.seed,
         device=args.device,
         augmentation=replace(Augmentation(), zoom=_zoom_range(args.zoom)),
@@ -829,7 +836,8 @@ def _train(args) -> int:
     if last.kept_start:
         print(
             f"tiled-unet train: warning: fine-tuning did not beat {args.init} on the validation "
-            f"data (AP@0.5 {best['ap50']:.3f}); {args.output} holds that starting model",
+            f"data (AP@0.5 {best['ap50']:.3f}, pixel IoU {best['iou']:.3f}; better on one and "
+            f"worse on neither replaces it); {args.output} holds that starting model",
             file=sys.stderr,
         )
     status = "stopped" if last.stopped else "done"

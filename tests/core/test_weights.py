@@ -66,6 +66,15 @@ def test_class_balance_and_fiji_variant():
     paper = border_weight_map(labels)
     assert paper[10, 10] == pytest.approx(1600 / 200)
     assert paper[39, 39] == pytest.approx(1600 / 3000)  # far from the only object: no term
+    # a painted region: class frequencies count annotated pixels only (100 fg of 400)
+    region = np.zeros_like(labels, bool)
+    region[0:20, 0:20] = True
+    painted = border_weight_map(labels, annotated=region)
+    assert painted[10, 10] == pytest.approx(400 / 200)
+    assert painted[19, 0] == pytest.approx(400 / 600)
+    stack = border_weight_map(np.stack([labels, labels]), annotated=np.stack([region, ~region]))
+    np.testing.assert_array_equal(stack[0], painted)
+    assert stack[1][10, 10] == 1  # no annotated foreground: that class keeps weight 1
     fiji = border_weight_map(labels, w0=50, sigma=6, variant="fiji")
     d1 = np.hypot(39 - 14, 39 - 14)
     assert fiji[10, 10] == 1
@@ -91,6 +100,7 @@ def test_stacks_are_weighted_plane_by_plane():
         (np.zeros((4, 4), np.int32), {"w0": -1}, "w0"),
         (np.zeros((4, 4), np.int32), {"variant": "unet"}, "variant"),
         (np.zeros((4, 4), np.int32), {"pixel_size": -1.0}, "pixel_size"),
+        (np.zeros((4, 4), np.int32), {"annotated": np.ones((4, 5), bool)}, "annotated"),
     ],
 )
 def test_bad_options_are_rejected(labels, options, match):

@@ -428,8 +428,8 @@ def test_a_fine_tuning_that_kept_its_start_is_not_selected(viewer, tmp_path, mon
     widget._on_returned(TrainEvent(5, 5, 0.1, None, start, 2.0, data=data, baseline=start))
     assert SESSION_MODELS.paths == before
     assert (
-        "fine-tuning did not beat the model it started from on validation (AP@0.5 0.620)"
-        in (shown[-1])
+        "fine-tuning did not beat the model it started from on validation (AP@0.5 0.620, "
+        "pixel IoU 0.700; better on one and worse on neither)" in shown[-1]
     )
     widget._on_returned(TrainEvent(5, 5, 0.1, None, {"ap50": 0.0, "iou": 0.1}, 2.0, data=data))
     assert SESSION_MODELS.paths[0] == (tmp_path / "trained.safetensors").resolve()
@@ -682,10 +682,16 @@ def test_an_rgb_layer_follows_the_command_lines_colour_rule(
 def test_the_train_widget_starts_from_the_core_presets(viewer):
     from napari_tiled_unet.core.presets import FINE_TUNE, SCRATCH
 
+    viewer.add_image(np.zeros((40, 40), np.float32), name="image")
+    viewer.add_labels(np.zeros((40, 40), np.int32), name="labels")
     _, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Train (U-Net)")
     assert (widget._lr.value, widget._iterations.value) == (SCRATCH.lr, SCRATCH.iterations)
+    assert widget._job_from_form().config.anchor == SCRATCH.anchor == 0
     widget._start_from.value = "bundled default"
     assert (widget._lr.value, widget._iterations.value) == (FINE_TUNE.lr, FINE_TUNE.iterations)
+    config = widget._job_from_form().config
+    assert (config.anchor, config.lr_schedule) == (FINE_TUNE.anchor, FINE_TUNE.lr_schedule)
+    assert FINE_TUNE.anchor > 0
     widget._start_from.value = "scratch"
     assert widget._lr.value == SCRATCH.lr
 

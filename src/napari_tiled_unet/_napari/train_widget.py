@@ -220,6 +220,7 @@ class TrainWidget(Container):
             patch=self._patch.value,
             lr=self._lr.value,
             lr_schedule=PRESET_OF_START[self._start_from.value].lr_schedule,
+            anchor=PRESET_OF_START[self._start_from.value].anchor,
             w0=self._w0.value,
             sigma=self._sigma.value,
             pixel_size=_pixel_size(pairs[0][0]) if self._physical.value else None,
@@ -275,7 +276,8 @@ class TrainWidget(Container):
         if result is not None and result.kept_start:
             show_warning(
                 f"Training {state}; fine-tuning did not beat the model it started from on "
-                f"validation (AP@0.5 {score:.3f}), so {output} holds that starting model. The "
+                f"validation (AP@0.5 {score:.3f}, pixel IoU {best.get('iou', float('nan')):.3f}; "
+                f"better on one and worse on neither), so {output} holds that starting model. The "
                 f"Segment widget's selection is unchanged; annotate more objects to improve it."
             )
         else:

@@ -65,6 +65,7 @@ def border_weight_map(
     variant: str = "paper",
     pixel_size: float | tuple[float, float] | None = None,
     class_balance: bool = True,
+    annotated: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-pixel loss weights that emphasise the background between nearby objects.
 
@@ -86,25 +87,41 @@ def border_weight_map(
         Physical size of a pixel along (Y, X); distances are then physical.
     class_balance : bool
         For the "paper" variant, balance class frequencies in ``w_c``.
+    annotated : numpy.ndarray of bool, optional, shape of ``labels``
+        Where the annotation is complete (default: everywhere). Class frequencies are counted
+        there only: unannotated pixels are not background, and counting them as such would
+        weight the foreground of a small painted region many times over.
 
     Returns
     -------
     numpy.ndarray of float32, the shape of ``labels``
     """
     labels = np.asarray(labels)
+    annotated = np.ones(labels.shape, bool) if annotated is None else np.asarray(annotated, bool)
     _check_weight_options(labels, w0, sigma, variant)
+    if annotated.shape != labels.shape:
+        raise ValueError(
+            f"annotated: expected the shape of labels {labels.shape}, got {annotated.shape}"
+        )
     if labels.ndim > 2:
         flat = labels.reshape((-1,) + labels.shape[-2:])
+        masks = annotated.reshape(flat.shape)
         planes = [
             border_weight_map(
-                p, w0, sigma, variant=variant, pixel_size=pixel_size, class_balance=class_balance
+                p,
+                w0,
+                sigma,
+                variant=variant,
+                pixel_size=pixel_size,
+                class_balance=class_balance,
+                annotated=m,
             )
-            for p in flat
+            for p, m in zip(flat, masks)
         ]
         return np.stack(planes).reshape(labels.shape)
     sampling = _sampling(pixel_size)
     foreground = labels > 0
-    weights = _class_weights(foreground, variant, class_balance, sampling)
+    weights = _class_weights(foreground, annotated, variant, class_balance, sampling)
     separation = separation_term(labels, w0, sigma, sampling)
     weights[~foreground] += separation[~foreground]
     return weights
@@ -147,7 +164,7 @@ def _two_nearest_distances(labels, radius, sampling):
     return d1, d2
 
 
-def _class_weights(foreground, variant, class_balance, sampling):
+def _class_weights(foreground, annotated, variant, class_balance, sampling):
     weights = np.ones(foreground.shape, np.float32)
     if variant == "fiji":
         if foreground.any():
@@ -157,7 +174,7 @@ def _class_weights(foreground, variant, class_balance, sampling):
         weights[~foreground] = 0.1 + 0.9 * np.exp(-(d1[~foreground] ** 2) / (2.0 * 10.0**2))
         return weights
     if class_balance:
-        total, count_fg = foreground.size, int(foreground.sum())
+        total, count_fg = int(annotated.sum()), int((foreground & annotated).sum())
         for mask, count in ((foreground, count_fg), (~foreground, total - count_fg)):
             if count:
                 weights[mask] = total / (2.0 * count)

@@ -213,10 +213,15 @@ def test_huge_planes_are_segmented_in_blocks_with_the_same_result(tmp_path, monk
         atol=1e-6,
         rtol=0,
     )
-    np.testing.assert_array_equal(blocks > 0, whole > 0)
+    # The paths agree to 1e-6, and this untrained net's probabilities lie within 0.01 of each
+    # other: a pixel that close to the threshold may fall on either side.
+    decided = np.abs(tifffile.imread(tmp_path / "whole_p.tif") - threshold) > 1e-6
+    assert decided.mean() > 0.99
+    np.testing.assert_array_equal((blocks > 0)[decided], (whole > 0)[decided])
     cut = 0
     for mine, theirs in zip(blocks, whole):
-        pairs = np.unique(np.stack([mine[mine > 0], theirs[theirs > 0]]), axis=1)
+        both = (mine > 0) & (theirs > 0)
+        pairs = np.unique(np.stack([mine[both], theirs[both]]), axis=1)
         assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1] > 0
         cut += sum(
             any(s.start // 48 != (s.stop - 1) // 48 for s in box)

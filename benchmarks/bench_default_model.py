@@ -48,6 +48,11 @@ def held_out_images(model, folder: Path) -> list[Path]:
         raise SystemExit(
             "model: its metadata lists no validation_samples (not trained by tiled-unet train?)"
         )
+    if len(images) <= max(indices):
+        raise SystemExit(
+            f"--data: expected the model's training folder (at least {max(indices) + 1} "
+            f"*_image.tif), found {len(images)} in {folder}"
+        )
     return [images[i] for i in indices]
 
 

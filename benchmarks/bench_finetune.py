@@ -21,21 +21,23 @@ validates better on AP@0.5 or pixel IoU and worse on neither (the guard of ``cor
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
-from napari_tiled_unet.core.metrics import match_objects
-from napari_tiled_unet.core.modelfile import load_model
-from napari_tiled_unet.core.postprocess import decode_plane, postprocess_options
-from napari_tiled_unet.core.predict import predict_array
-from napari_tiled_unet.core.targets import engine_output
-from napari_tiled_unet.core.train import Sample, TrainConfig, train
-from napari_tiled_unet.models import DEFAULT_MODEL
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_default_model import DATA, held_out_images  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018_fluo" / "train"
+from napari_tiled_unet.core.metrics import match_objects  # noqa: E402
+from napari_tiled_unet.core.modelfile import load_model  # noqa: E402
+from napari_tiled_unet.core.postprocess import decode_plane, postprocess_options  # noqa: E402
+from napari_tiled_unet.core.predict import predict_array  # noqa: E402
+from napari_tiled_unet.core.targets import engine_output  # noqa: E402
+from napari_tiled_unet.core.train import Sample, TrainConfig, train  # noqa: E402
+from napari_tiled_unet.models import DEFAULT_MODEL  # noqa: E402
 
 
 def labels_of(model, image: np.ndarray) -> np.ndarray:
@@ -81,8 +83,7 @@ def main():
     args = parser.parse_args()
 
     start = load_model(DEFAULT_MODEL)
-    images = sorted(args.data.glob("*_image.tif"))
-    held = [images[i] for i in start.metadata["validation_samples"]]
+    held = held_out_images(start, args.data)
     pairs = [
         (tifffile.imread(p), tifffile.imread(str(p).replace("_image", "_labels"))) for p in held
     ]

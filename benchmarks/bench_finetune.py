@@ -15,7 +15,7 @@ validates better on AP@0.5 or pixel IoU and worse on neither (the guard of ``cor
 "after" is what the user gets.
 
     python benchmarks/bench_finetune.py [--data ../shared/data/dsb2018_fluo/train] [--image N]
-        [--objects 5] [--iterations N] [--lr X] [--anchor X]
+        [--objects 5] [--iterations N] [--lr X] [--anchor X] [--val-fraction F]
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def main():
     parser.add_argument("--iterations", type=int, help="default: the fine-tuning preset's")
     parser.add_argument("--lr", type=float, help="default: the fine-tuning preset's")
     parser.add_argument("--anchor", type=float, help="L2-SP weight (default: the preset's)")
+    parser.add_argument("--val-fraction", type=float, help="default: TrainConfig's")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -107,6 +108,8 @@ def main():
         settings["lr"] = args.lr
     if args.anchor is not None:
         settings["anchor"] = args.anchor
+    if args.val_fraction is not None:
+        settings["val_fraction"] = args.val_fraction
     config = TrainConfig.fine_tuning(**settings)
     with tempfile.TemporaryDirectory() as folder:
         output = Path(folder) / "tuned.safetensors"

@@ -264,6 +264,8 @@ class TrainWidget(Container):
         self.plot.add(event)
 
     def _on_returned(self, result) -> None:
+        from ..core.train import BEATS_START
+
         if isinstance(result, Failure):
             show_error(result.message)
             return
@@ -277,7 +279,7 @@ class TrainWidget(Container):
             show_warning(
                 f"Training {state}; fine-tuning did not beat the model it started from on "
                 f"validation (AP@0.5 {score:.3f}, pixel IoU {best.get('iou', float('nan')):.3f}; "
-                f"better on one and worse on neither), so {output} holds that starting model. The "
+                f"it takes {BEATS_START}), so {output} holds that starting model. The "
                 f"Segment widget's selection is unchanged; annotate more objects to improve it."
             )
         else:

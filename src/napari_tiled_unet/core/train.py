@@ -893,20 +893,24 @@ def _resolved(value: float | None) -> float:
     return value
 
 
+MIN_IOU_GAIN = 0.01
+BEATS_START = f"a higher AP@0.5, or pixel IoU up by {MIN_IOU_GAIN:g}, and lower on neither"
+
+
 def _improves(metrics: dict, best: dict | None, start: dict | None = None) -> bool:
     """A validation worth saving: the first, or one at least as good as the best so far (AP@0.5,
     ties broken by pixel IoU).
 
     When fine-tuning, it must also beat the model the run started from (``start``, scored at
-    iteration 0), and that bar is higher: better on one of AP@0.5 and IoU, worse on neither. A few
-    painted nuclei are often the only validation data, and a model that trades IoU for one more
-    matched object there has learnt those objects, not the images: measured with
-    bench_finetune.py, such a trade (AP 0.125 -> 0.167, IoU 0.825 -> 0.806) lowered AP@0.5 on
-    similar images from 0.826 to 0.750.
+    iteration 0) as :data:`BEATS_START` says. A few painted nuclei are often the only validation
+    data. Measured with bench_finetune.py: a model that traded IoU for one more matched object
+    there (AP 0.125 -> 0.167, IoU 0.825 -> 0.806) lowered AP@0.5 on similar images from 0.826
+    to 0.750; one with IoU up by 0.001 on 6 held-out nuclei lowered it from 0.898 to 0.892.
     """
-    ours = (metrics["ap50"], metrics["iou"])
+    ap50, iou = metrics["ap50"], metrics["iou"]
     if start is not None:
-        theirs = (start["ap50"], start["iou"])
-        if ours == theirs or any(o < t for o, t in zip(ours, theirs)):
+        if ap50 < start["ap50"] or iou < start["iou"]:
             return False
-    return best is None or ours >= (best["ap50"], best["iou"])
+        if ap50 == start["ap50"] and iou < start["iou"] + MIN_IOU_GAIN:
+            return False
+    return best is None or (ap50, iou) >= (best["ap50"], best["iou"])

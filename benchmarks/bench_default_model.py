@@ -4,7 +4,8 @@ The model was trained by ``tiled-unet train`` on all images of the folder (sorte
 shell expands ``*_image.tif``); the images it held out are recorded in the model's metadata
 (``validation_samples``, indices into that sorted list). For each held-out image this prints
 AP@0.5 (TP / (TP + FP + FN), one-to-one matching at IoU >= 0.5), pixel IoU of foreground, the
-object counts, and the means over images; then AP@0.5 pooled over all objects, the touching
+object counts, with ``--diameter`` the object diameter the run worked with (px) and its
+working-scale factor, and the means over images; then AP@0.5 pooled over all objects, the touching
 ground-truth pairs the prediction splits, and the time for one 1024 x 1024 image.
 
     python benchmarks/bench_default_model.py [--model M] [--data ../shared/data/dsb2018_fluo/train]
@@ -83,7 +84,10 @@ def main():
         f"{len(paths)} held-out images from {args.data}; threshold {threshold}, min size {min_size} px; "
         f"scale {args.scale}, noise {args.noise}, diameter {args.diameter}"
     )
-    print(f"{'image':<14} {'shape':>11} {'true':>5} {'found':>6} {'AP@0.5':>7} {'IoU':>6}")
+    print(
+        f"{'image':<14} {'shape':>11} {'true':>5} {'found':>6} {'AP@0.5':>7} {'IoU':>6}"
+        f" {'diameter':>8} {'factor':>6}"
+    )
     aps, ious, seconds, pooled, touching = [], [], 0.0, np.zeros(3, int), np.zeros(2, int)
     for path in paths:
         image = tifffile.imread(path)
@@ -94,6 +98,7 @@ def main():
         if args.noise:
             image = with_pixel_noise(image, args.noise, seed=len(aps))
         start = time.perf_counter()
+        worked_at = (None, 1.0)
         if diameter is None:
             predicted = decode_plane(
                 predict_array(model, image, output=engine_output(model.config)),
@@ -102,14 +107,12 @@ def main():
                 model.config.output_mode,
             )
         else:
-            (plane,) = [
-                p
-                for e in segment(
-                    model, image, threshold=threshold, min_size=min_size, diameter=diameter
-                )
-                for p in e.planes
-            ]
+            events = list(
+                segment(model, image, threshold=threshold, min_size=min_size, diameter=diameter)
+            )
+            (plane,) = [p for e in events for p in e.planes]
             predicted = plane.labels
+            worked_at = (events[-1].diameter, events[-1].factor)
         seconds += time.perf_counter() - start
         scores = match_objects(predicted, truth, 0.5)
         aps.append(scores.ap)
@@ -119,6 +122,7 @@ def main():
         print(
             f"{path.name[:12]:<14} {'x'.join(map(str, image.shape)):>11} {scores.tp + scores.fn:5d} "
             f"{scores.tp + scores.fp:6d} {scores.ap:7.3f} {ious[-1]:6.3f}"
+            f" {'-' if worked_at[0] is None else f'{worked_at[0]:.1f}':>8} {worked_at[1]:6.3f}"
         )
     print(
         f"\nmean over {len(paths)} images: AP@0.5 {np.mean(aps):.3f}, pixel IoU {np.mean(ious):.3f} "

@@ -117,7 +117,10 @@ def test_small_objects_of_a_familiar_size_are_left_unscaled_and_large_ones_broug
     assert working_factor(metadata, 12.0) == working_factor(metadata, 19.0) == 1.0
     assert working_factor(metadata, 30.0) == pytest.approx(2 / 3)
     assert working_factor(metadata, 60.0) == pytest.approx(1 / 3)
-    assert working_factor(metadata, 10.0) == pytest.approx(2.0)
+    # smaller than any the model knows: up to the smallest it knows, not to its median size
+    assert working_factor(metadata, 8.0) == pytest.approx(1.5)
+    assert working_factor(metadata, 4.0) == pytest.approx(3.0)
+    assert working_factor(metadata, 11.6) == 1.0  # within 5% of the range
     # no recorded range: only sizes within 5% of the model's count as its own
     assert working_factor({"diameter": 20.0}, 20.8) == 1.0
     assert working_factor({"diameter": 20.0}, 15.0) == pytest.approx(4 / 3)

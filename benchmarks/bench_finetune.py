@@ -11,8 +11,8 @@ bounding box, fully annotated), the model is fine-tuned with the core fine-tunin
 - the other held-out images of the same size (the same acquisition, as far as DSB tells).
 
 Fine-tuning writes its starting model first and replaces it only with a fine-tuned one that
-validates better (``core.train.BEATS_START``: a higher AP@0.5, or pixel IoU up by 0.01, and
-lower on neither), so "after" is what the user gets.
+validates better (``core.train.beats_start``: a higher AP@0.5, or pixel IoU up by 0.03 /
+sqrt(validation objects), and lower on neither), so "after" is what the user gets.
 
     python benchmarks/bench_finetune.py [--data ../shared/data/dsb2018_fluo/train] [--image N]
         [--objects 5] [--iterations N] [--lr X] [--anchor X] [--val-fraction F]

@@ -736,6 +736,6 @@ def test_train_warns_when_fine_tuning_kept_its_starting_model(
     assert "validating on the same objects (nothing could be held out)" in said
     assert (
         f"warning: fine-tuning did not beat {model_file} on the validation data (AP@0.5 0.620, "
-        f"pixel IoU 0.700; it takes a higher AP@0.5, or pixel IoU up by 0.01, and lower on "
-        f"neither); {output} holds that starting model"
+        f"pixel IoU 0.700; it takes a higher AP@0.5, or pixel IoU up by 0.013 (0.03 / sqrt of "
+        f"its 5 validation objects), and lower on neither); {output} holds that starting model"
     ) in said

@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -416,6 +417,41 @@ def test_objects_in_a_row_hold_out_one_object_and_its_surroundings():
     assert session.start_weights is None and session._pull_to_start(None) == 0  # from scratch
 
 
+def test_a_held_out_nucleus_merged_with_a_training_neighbour_scores_as_missed():
+    """Validation keeps a predicted object that reaches the held-out nucleus whole: cut at the
+    edge of its surroundings, a merge with the neighbour would score as found."""
+    from skimage.segmentation import expand_labels
+
+    from napari_tiled_unet.core.metrics import match_objects
+    from napari_tiled_unet.core.train import _scored_objects, _Session
+
+    yy, xx = np.mgrid[:96, :128]
+    labels = np.zeros((96, 128), np.int32)
+    for index, cx in enumerate(range(14, 128, 25), start=1):
+        labels[np.hypot(yy - 48, xx - cx) < 9] = index
+    image = (labels > 0).astype(np.float32)
+    session = _Session.prepared(
+        [Sample(image, labels)], Path("m.safetensors"), quick(), TINY, None, False, lambda: False
+    )
+    (val,) = session.val_planes
+    (held,) = np.unique(val.truth[val.truth > 0])
+    neighbour = held + 1 if held < 5 else held - 1
+    grown = expand_labels(labels, 1)  # neighbours reach 1 px into the held-out surroundings
+    found = match_objects(_scored_objects(grown, val), val.truth)
+    assert (found.tp, found.fp, found.fn) == (1, 0, 0)  # and are not false objects there
+    left, right = sorted(14 + 25 * (i - 1) for i in (held, neighbour))
+    merged = np.where(labels == neighbour, held, labels)
+    merged[44:53, left : right + 1] = held
+    missed = match_objects(_scored_objects(merged, val), val.truth)
+    assert (missed.tp, missed.fp, missed.fn) == (0, 1, 1)
+    cut = match_objects(merged * (val.weights > 0), val.truth)
+    assert cut.tp == 1  # what cutting at the surroundings scored
+    spurious = labels.copy()
+    spurious[46:50, 14 + 25 * (held - 1) + 10 : 14 + 25 * (held - 1) + 12] = 9
+    extra = match_objects(_scored_objects(spurious, val), val.truth)
+    assert (extra.tp, extra.fp, extra.fn) == (1, 1, 0)
+
+
 def test_fine_tuning_scores_its_starting_model_first(tmp_path):
     from napari_tiled_unet.core.train import TrainEvent
 
@@ -451,20 +487,32 @@ def test_fine_tuning_scores_its_starting_model_first(tmp_path):
 
 def test_fine_tuning_keeps_its_starting_model_until_a_fine_tuned_one_validates_better(tmp_path):
     """The guard against fine-tuning making things worse: the start is the output first, and
-    only a validation with a higher AP@0.5, or IoU up by 0.01, and lower on neither replaces it
-    (a tie keeps the start, and so do a trade of one for the other and a noise-sized IoU gain)."""
-    from napari_tiled_unet.core.train import _improves
+    only a validation with a higher AP@0.5, or IoU up by 0.03 / sqrt(validation objects) (never
+    on one object alone), and lower on neither replaces it (a tie keeps the start, and so do a
+    trade of one for the other and a noise-sized IoU gain)."""
+    import math
 
+    from napari_tiled_unet.core.train import _improves, beats_start, min_iou_gain
+
+    assert min_iou_gain(2) == pytest.approx(0.03 / math.sqrt(2))
+    assert min_iou_gain(9) == pytest.approx(0.01)
+    assert min_iou_gain(1) == min_iou_gain(0) == math.inf
+    assert "pixel IoU up by 0.010 (0.03 / sqrt of its 9 validation objects)" in beats_start(9)
+    assert "IoU alone does not count" in beats_start(1)
     start = {"ap50": 0.5, "iou": 0.6, "iteration": 0}
-    for ap50, iou, replaces in [
-        (0.5, 0.6, False),  # a tie
-        (0.4, 0.9, False),
-        (0.7, 0.59, False),  # one more matched object for some IoU
-        (0.5, 0.609, False),  # IoU up by less than 0.01
-        (0.5, 0.615, True),
-        (0.6, 0.6, True),
+    for ap50, iou, objects, replaces in [
+        (0.5, 0.6, 9, False),  # a tie
+        (0.4, 0.9, 9, False),
+        (0.7, 0.59, 9, False),  # one more matched object for some IoU
+        (0.5, 0.609, 9, False),  # IoU up by less than 0.03 / 3
+        (0.5, 0.611, 9, True),
+        (0.5, 0.611, 2, False),  # the same gain on 2 objects: under 0.021
+        (0.5, 0.9, 1, False),  # one object's IoU alone
+        (0.6, 0.6, 1, True),
+        (0.6, 0.6, 9, True),
     ]:
-        assert _improves({"ap50": ap50, "iou": iou}, start, start) is replaces, (ap50, iou)
+        gain = min_iou_gain(objects)
+        assert _improves({"ap50": ap50, "iou": iou}, start, start, gain) is replaces, (ap50, iou)
     # between fine-tuned models AP@0.5 decides and IoU breaks ties, above the start on both
     tuned = {"ap50": 0.6, "iou": 0.7, "iteration": 50}
     assert _improves({"ap50": 0.6, "iou": 0.7}, tuned, start)
@@ -592,6 +640,7 @@ def test_a_resumed_fine_tuning_run_stays_fine_tuning(tmp_path):
     assert float(session._pull_to_start(session.model)) == pytest.approx(5.0 * moved, rel=1e-5)
     assert stopped[-1].stopped and stopped[-1].baseline["iteration"] == 0
     assert resumes_fine_tuning(output) and not resumes_fine_tuning(tmp_path / "none.safetensors")
+    at_stop = torch.load(tmp_path / "tuned.checkpoint.pt", weights_only=True)
     resumed = list(train(samples, output, config=config, resume=True))
     assert [e.iteration for e in resumed] == [5, 6]
     assert resumed[-1].baseline == stopped[-1].baseline
@@ -600,3 +649,9 @@ def test_a_resumed_fine_tuning_run_stays_fine_tuning(tmp_path):
     for name, tensor in start.state_dict().items():
         if "running" in name or "batches" in name:
             assert torch.equal(checkpoint["model"][name], tensor), name
+    # a checkpoint from before runs kept their start cannot resume the pull: said, not skipped
+    torch.save(dict(at_stop, start_weights=None), tmp_path / "tuned.checkpoint.pt")
+    with pytest.raises(ValueError, match=r"anchor: the checkpoint .* holds no starting weights"):
+        train(samples, output, config=config, resume=True)
+    without = list(train(samples, output, config=replace(config, anchor=0.0), resume=True))
+    assert [e.iteration for e in without] == [5, 6]

@@ -429,8 +429,8 @@ def test_a_fine_tuning_that_kept_its_start_is_not_selected(viewer, tmp_path, mon
     assert SESSION_MODELS.paths == before
     assert (
         "fine-tuning did not beat the model it started from on validation (AP@0.5 0.620, "
-        "pixel IoU 0.700; it takes a higher AP@0.5, or pixel IoU up by 0.01, and lower on "
-        "neither)" in shown[-1]
+        "pixel IoU 0.700; it takes a higher AP@0.5, or pixel IoU up by 0.017 (0.03 / sqrt of its "
+        "3 validation objects), and lower on neither)" in shown[-1]
     )
     widget._on_returned(TrainEvent(5, 5, 0.1, None, {"ap50": 0.0, "iou": 0.1}, 2.0, data=data))
     assert SESSION_MODELS.paths[0] == (tmp_path / "trained.safetensors").resolve()

@@ -12,12 +12,17 @@ dark), and synthetic dark, textured cells of about 36 px on a bright uneven back
 bright-field-like look the bundled model never saw). Prints AP@0.5 (mean over held-out images)
 and pixel IoU for each.
 
-    python benchmarks/bench_defaults.py [--iterations 400] [--images 60]
+``--painted N`` annotates only the N nuclei nearest each training image's centre, inside their
+bounding box (a region, as a napari user paints a few nuclei in a Shapes rectangle); the
+held-out images are scored in full.
+
+    python benchmarks/bench_defaults.py [--iterations 400] [--images 60] [--painted N]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,13 +31,16 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
-from napari_tiled_unet.core.metrics import match_objects, pixel_iou
-from napari_tiled_unet.core.model import UNetConfig
-from napari_tiled_unet.core.modelfile import load_model
-from napari_tiled_unet.core.postprocess import label_plane
-from napari_tiled_unet.core.predict import predict_array
-from napari_tiled_unet.core.presets import SCRATCH, SCRATCH_ARCHITECTURE
-from napari_tiled_unet.core.train import Sample, TrainConfig, train
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_finetune import painted_region  # noqa: E402
+
+from napari_tiled_unet.core.metrics import match_objects, pixel_iou  # noqa: E402
+from napari_tiled_unet.core.model import UNetConfig  # noqa: E402
+from napari_tiled_unet.core.modelfile import load_model  # noqa: E402
+from napari_tiled_unet.core.postprocess import label_plane  # noqa: E402
+from napari_tiled_unet.core.predict import predict_array  # noqa: E402
+from napari_tiled_unet.core.presets import SCRATCH, SCRATCH_ARCHITECTURE  # noqa: E402
+from napari_tiled_unet.core.train import Sample, TrainConfig, train  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dsb2018_fluo" / "train"
 
@@ -80,21 +88,31 @@ def score(model, held_out) -> tuple[float, float]:
     return float(np.mean(aps)), float(np.mean(ious))
 
 
+def training_sample(image, labels, painted: int | None) -> Sample:
+    """The whole annotation, or only the ``painted`` nuclei nearest the centre in their box."""
+    if not painted:
+        return Sample(image, labels)
+    region = painted_region(labels, painted)
+    return Sample(image, np.where(region, labels, 0), region)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=400)
     parser.add_argument("--images", type=int, default=60, help="DSB images (a quarter held out)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--painted", type=int, help="nuclei annotated per training image")
     args = parser.parse_args()
     sets = {
         "dsb2018 subset": dsb_subset(args.images, args.seed),
         "synthetic dark cells": synthetic_cells(args.images, args.seed),
     }
-    print(f"{args.iterations} iterations, batch 4, patch 252, seed {args.seed}, CPU")
+    painted = f", {args.painted} nuclei painted per training image" if args.painted else ""
+    print(f"{args.iterations} iterations, batch 4, patch 252, seed {args.seed}, CPU{painted}")
     print(f"{'data':<22} {'defaults':<8} {'AP@0.5':>7} {'IoU':>6} {'time':>7}")
     for name, pairs in sets.items():
         held = len(pairs) // 4
-        samples = [Sample(image, labels) for image, labels in pairs[held:]]
+        samples = [training_sample(image, labels, args.painted) for image, labels in pairs[held:]]
         for recipe, (architecture, settings) in RECIPES.items():
             config = TrainConfig(
                 iterations=args.iterations,

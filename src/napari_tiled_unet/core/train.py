@@ -973,8 +973,8 @@ def beats_start(objects: int) -> str:
             "IoU alone does not count)"
         )
     return (
-        f"a higher AP@0.5, or pixel IoU up by {gain:.3f} (0.03 / sqrt of its {objects} "
-        f"validation objects), and lower on neither"
+        f"a higher AP@0.5, or pixel IoU up by {gain:.3f} ({IOU_GAIN_AT_ONE_OBJECT:g} / sqrt of "
+        f"its {objects} validation objects), and lower on neither"
     )
 
 

@@ -770,7 +770,7 @@ def _train(args) -> int:
     from .core.model import UNetConfig
     from .core.presets import preset_for
     from .core.targets import n_classes_of
-    from .core.train import TrainConfig, beats_start, resumes_fine_tuning, train
+    from .core.train import TrainConfig, resumes_fine_tuning, train
 
     check_output_path(
         "--output",
@@ -837,8 +837,7 @@ def _train(args) -> int:
         print(
             f"tiled-unet train: warning: fine-tuning did not beat {args.init} on the validation "
             f"data (AP@0.5 {best['ap50']:.3f}, pixel IoU {best['iou']:.3f}; it takes "
-            f"{beats_start(last.data.val_objects if last.data else 0)}); {args.output} holds "
-            f"that starting model",
+            f"{last.beats_start}); {args.output} holds that starting model",
             file=sys.stderr,
         )
     status = "stopped" if last.stopped else "done"

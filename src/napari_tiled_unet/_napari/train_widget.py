@@ -264,8 +264,6 @@ class TrainWidget(Container):
         self.plot.add(event)
 
     def _on_returned(self, result) -> None:
-        from ..core.train import beats_start
-
         if isinstance(result, Failure):
             show_error(result.message)
             return
@@ -279,9 +277,8 @@ class TrainWidget(Container):
             show_warning(
                 f"Training {state}; fine-tuning did not beat the model it started from on "
                 f"validation (AP@0.5 {score:.3f}, pixel IoU {best.get('iou', float('nan')):.3f}; "
-                f"it takes {beats_start(result.data.val_objects if result.data else 0)}), so "
-                f"{output} holds that starting model. The Segment widget's selection is "
-                f"unchanged; annotate more objects to improve it."
+                f"it takes {result.beats_start}), so {output} holds that starting model. The "
+                f"Segment widget's selection is unchanged; annotate more objects to improve it."
             )
         else:
             SESSION_MODELS.add(output)

@@ -139,6 +139,11 @@ class TrainEvent:
         file holds that starting model (``best`` is its score, iteration 0)."""
         return bool(self.baseline and self.best and self.best.get("iteration") == 0)
 
+    @property
+    def beats_start(self) -> str:
+        """What a fine-tuned model of this run must show to replace its start, in words."""
+        return beats_start(self.data.val_objects if self.data else 0)
+
 
 @dataclass(frozen=True)
 class DataSummary:

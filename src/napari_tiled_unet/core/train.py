@@ -248,7 +248,7 @@ class _Session:
     @cached_property
     def min_gain(self) -> float:
         """The IoU gain over the start that counts on this run's validation objects."""
-        return min_iou_gain(_object_count(self.val_planes))
+        return min_iou_gain(self.data.val_objects)
 
     @cached_property
     def data(self) -> DataSummary:

@@ -189,11 +189,11 @@ def reading_only(model, data):
 def labelling_only(model, data, planes=4):
     from napari_tiled_unet.core.postprocess import label_plane, postprocess_options
 
-    threshold, min_size = postprocess_options(model.metadata)
+    options = postprocess_options(model.metadata)
     probability = np.asarray(data[0], np.float32) / 255.0
     start = time.perf_counter()
     for _ in range(planes):
-        label_plane(probability, threshold, min_size)
+        label_plane(probability, *options)
     return (time.perf_counter() - start) / planes
 
 

@@ -216,14 +216,14 @@ def test_train_writes_a_model_that_segment_uses(tmp_path, capsys):
     assert "exists; pass --overwrite" in capsys.readouterr().err
 
 
-def test_segment_takes_threshold_and_min_size_from_the_model_unless_given(tmp_path, stack_file):
+def test_segment_takes_post_processing_from_the_model_unless_given(tmp_path, stack_file):
     from napari_tiled_unet.core.postprocess import label_plane
 
     model = make_model(depth=2, base_channels=3)
     path = save_model(
         model,
         tmp_path / "m.safetensors",
-        metadata={"postprocess": {"threshold": 0.52, "min_size": 4}},
+        metadata={"postprocess": {"threshold": 0.52, "min_size": 4, "split": 1}},
     )
     assert (
         segment(
@@ -239,7 +239,7 @@ def test_segment_takes_threshold_and_min_size_from_the_model_unless_given(tmp_pa
     )
     probability, labels = tifffile.imread(tmp_path / "p.tif"), tifffile.imread(tmp_path / "l.tif")
     for plane in range(3):
-        np.testing.assert_array_equal(labels[plane], label_plane(probability[plane], 0.52, 4))
+        np.testing.assert_array_equal(labels[plane], label_plane(probability[plane], 0.52, 4, 1))
     assert (
         segment(
             stack_file,
@@ -252,6 +252,8 @@ def test_segment_takes_threshold_and_min_size_from_the_model_unless_given(tmp_pa
             0.3,
             "--min-size",
             0,
+            "--split",
+            0,
         )
         == 0
     )
@@ -262,7 +264,7 @@ def test_segment_takes_threshold_and_min_size_from_the_model_unless_given(tmp_pa
 def test_tune_stores_the_best_threshold_and_size_in_the_model(tmp_path, rng):
     from napari_tiled_unet.core.metrics import match_objects
     from napari_tiled_unet.core.modelfile import load_model
-    from napari_tiled_unet.core.postprocess import MIN_SIZES, THRESHOLDS, label_plane
+    from napari_tiled_unet.core.postprocess import MIN_SIZES, SPLITS, THRESHOLDS, label_plane
     from napari_tiled_unet.core.predict import predict_array
 
     path = save_model(
@@ -281,14 +283,18 @@ def test_tune_stores_the_best_threshold_and_size_in_the_model(tmp_path, rng):
     probabilities = [predict_array(model, tifffile.imread(p)) for p in images]
     truths = [tifffile.imread(p) for p in labels]
     grid = {
-        (t, s): np.mean(
-            [match_objects(label_plane(p, t, s), g, 0.5).ap for p, g in zip(probabilities, truths)]
+        (t, s, n): np.mean(
+            [
+                match_objects(label_plane(p, t, s, n), g, 0.5).ap
+                for p, g in zip(probabilities, truths)
+            ]
         )
         for t in THRESHOLDS
         for s in MIN_SIZES
+        for n in SPLITS
     }
     assert chosen["ap50"] == pytest.approx(max(grid.values()), abs=1e-12)
-    assert grid[(chosen["threshold"], chosen["min_size"])] == pytest.approx(
+    assert grid[(chosen["threshold"], chosen["min_size"], chosen["split"])] == pytest.approx(
         chosen["ap50"], abs=1e-12
     )
 
@@ -434,7 +440,7 @@ def test_version_and_a_torch_free_info(model_file, capsys):
     assert result.stdout.strip().endswith("False") and "parameters" in result.stdout
 
 
-def test_boundary_models_train_tune_and_segment_from_the_command_line(tmp_path):
+def test_boundary_models_train_tune_and_segment_from_the_command_line(tmp_path, capsys):
     from napari_tiled_unet.core.metrics import match_objects
     from napari_tiled_unet.core.modelfile import load_model
     from napari_tiled_unet.core.postprocess import MIN_SIZES, THRESHOLDS, label_boundary_plane
@@ -476,6 +482,7 @@ def test_boundary_models_train_tune_and_segment_from_the_command_line(tmp_path):
         == 0
     )
     chosen = load_model(model_path).metadata["postprocess"]
+    assert chosen["split"] == 0  # the 3-class decoder splits by its own seeds
     classes = [predict_array(model, tifffile.imread(p), output="classes") for p in images]
     truths = [tifffile.imread(p) for p in labels]
     grid = {
@@ -495,6 +502,10 @@ def test_boundary_models_train_tune_and_segment_from_the_command_line(tmp_path):
         == 0
     )
     expected = label_boundary_plane(classes[0], chosen["threshold"], chosen["min_size"])
+    assert np.array_equal(tifffile.imread(out), expected)
+    split = ["--split", "2", "--overwrite", "--quiet"]
+    assert cli.main(["segment", str(images[0]), "-o", str(out), "--model", str(model_path), *split])
+    assert "split: expected 0 for a boundary-mode model" in capsys.readouterr().err
     assert np.array_equal(tifffile.imread(out), expected)
 
 

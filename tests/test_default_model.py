@@ -29,8 +29,7 @@ def sample(stem):
 
 
 def segmented(model, image):
-    threshold, min_size = postprocess_options(model.metadata)
-    return label_plane(predict_array(model, image), threshold, min_size)
+    return label_plane(predict_array(model, image), *postprocess_options(model.metadata))
 
 
 def test_bundled_model_is_small_valid_padding_and_documented(model):
@@ -38,8 +37,8 @@ def test_bundled_model_is_small_valid_padding_and_documented(model):
     assert model.config.padding == "valid" and model.config.in_channels == 1
     assert model.metadata["loss"]["weights"] == "paper"
     assert len(model.metadata["validation_samples"]) == 49
-    threshold, min_size = postprocess_options(model.metadata)
-    assert 0 < threshold < 1 and min_size >= 0
+    threshold, min_size, split = postprocess_options(model.metadata)
+    assert 0 < threshold < 1 and min_size >= 0 and split >= 0
     assert (DEFAULT_MODEL.parent / "MODEL_CARD.md").is_file()
 
 

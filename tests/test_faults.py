@@ -251,3 +251,26 @@ def test_huge_planes_refuse_what_needs_whole_planes(
     assert code == 2
     assert "--measure: not available for planes over" in capsys.readouterr().err
     assert not (tmp_path / "out.tif").exists()
+
+
+def test_huge_planes_say_that_the_models_neck_split_needs_whole_planes(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(cli, "HUGE_PLANE_PIXELS", 100)
+    stack = tmp_path / "small.tif"
+    tifffile.imwrite(stack, np.random.default_rng(1).integers(0, 255, (2, 64, 64), np.uint8))
+    model = save_model(
+        make_model(depth=2, base_channels=2),
+        tmp_path / "split.safetensors",
+        metadata={"postprocess": {"threshold": 0.5, "min_size": 0, "split": 2}},
+    )
+    args = ["segment", str(stack), "-o", str(tmp_path / "out.tif"), "--model", str(model)]
+    assert cli.main([*args, "--quiet", "--split", "2"]) == 2
+    assert "--split: not available for planes over" in capsys.readouterr().err
+    assert not (tmp_path / "out.tif").exists()
+    assert cli.main([*args, "--quiet"]) == 0
+    said = capsys.readouterr()
+    assert "objects are connected components: the model's neck splitting (--split 2)" in said.err
+    assert "segmented in blocks" in said.out and (tmp_path / "out.tif").is_file()
+    assert cli.main([*args, "--quiet", "--split", "0", "--overwrite"]) == 0
+    assert "neck splitting" not in capsys.readouterr().err

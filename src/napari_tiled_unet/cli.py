@@ -119,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
         help="drop smaller objects, in pixels (default: the model's recommendation, else 0)",
     )
     segment.add_argument(
+        "--split",
+        type=int,
+        metavar="PX",
+        help="cut objects where a neck narrower than about 2 PX + 1 pixels joins them "
+        "(2-class models; default: the model's recommendation, else 0: no cut)",
+    )
+    segment.add_argument(
         "--channel-axis",
         type=_channel_axis_arg,
         help="channel axis when the file's metadata has none, or none (every axis but Y, X "
@@ -186,7 +193,7 @@ def _segment(args) -> int:
     if args.probabilities is True:
         raise UsageError("--probabilities: expected a TIFF path for a TIFF output")
     jobs = _segment_jobs(args)
-    postprocess_options(None, args.threshold, args.min_size)  # given values are checked first
+    postprocess_options(None, args.threshold, args.min_size, args.split)  # checked first
     in_channels = int(read_header(_model_path(args.model))["config"].get("in_channels", 1))
     fitted = [
         _fitted(read_tiff(job.input, name="input", series=job.series), job, in_channels)
@@ -251,8 +258,16 @@ def _segment_on_cluster(args) -> int:
 def _block_job(args, source: Path, store: Path, model, block: int):
     """The block-wise job for this command's engine and post-processing options."""
     from .core import distributed
+    from .core.postprocess import postprocess_options
     from .core.predict import positive_or_auto
 
+    recommended_split = postprocess_options(model.metadata)[2]
+    if recommended_split and args.split is None:
+        print(
+            f"tiled-unet segment: block by block, objects are connected components: the "
+            f"model's neck splitting (--split {recommended_split}) needs whole planes",
+            file=sys.stderr,
+        )
     return distributed.plan_job(
         _model_path(args.model),
         source,
@@ -334,6 +349,7 @@ def _whole_plane_option(args) -> str | None:
     """The first option given that needs whole planes in memory (the block-wise paths refuse it)."""
     given = {
         "--diameter": args.diameter is not None,
+        "--split": bool(args.split),
         "--link-z": args.link_z is not None,
         "--measure": args.measure,
     }
@@ -500,6 +516,7 @@ def _segment_file(args, image, outputs, model) -> int:
         should_stop=stop,
         threshold=args.threshold,
         min_size=args.min_size,
+        split=args.split,
         tile=positive_or_auto("--tile", args.tile),
         batch=positive_or_auto("--batch", args.batch),
         device=args.device,
@@ -919,9 +936,9 @@ class _TrainBar:
 def _add_tune_parser(commands):
     tune = commands.add_parser(
         "tune",
-        help="choose a model's threshold and minimum object size on annotated images",
-        description="Segment the annotated images, find the threshold and minimum object size "
-        "with the best mean AP@0.5, and store them in the model file as its "
+        help="choose a model's threshold, minimum object size and neck split on annotated images",
+        description="Segment the annotated images, find the threshold, minimum object size and "
+        "neck split with the best mean AP@0.5, and store them in the model file as its "
         "recommendation (used by segment and the Segment widget unless overridden). "
         "Use images the model was not trained on, or its training images; not the "
         "images you will report accuracy on.",
@@ -959,8 +976,9 @@ def _tune(args) -> int:
     chosen = choose_postprocess(probabilities, truths, mode=model.config.output_mode)
     save_model(model, args.model, metadata={**model.metadata, "postprocess": chosen})
     print(
-        f"{args.model}: threshold {chosen['threshold']}, min size {chosen['min_size']} px "
-        f"(mean AP@0.5 {chosen['ap50']:.3f} on {chosen['planes']} planes)"
+        f"{args.model}: threshold {chosen['threshold']}, min size {chosen['min_size']} px, "
+        f"split {chosen['split']} px (mean AP@0.5 {chosen['ap50']:.3f} on {chosen['planes']} "
+        f"planes)"
     )
     return 0
 

@@ -30,7 +30,13 @@ def test_dtype_is_chosen_by_count(count, dtype):
 
 
 @pytest.mark.parametrize(
-    "options, match", [({"threshold": 1.0}, "threshold"), ({"min_size": -1}, "min_size")]
+    "options, match",
+    [
+        ({"threshold": 1.0}, "threshold"),
+        ({"min_size": -1}, "min_size"),
+        ({"split": 1.5}, "split: expected a non-negative integer"),
+        ({"split": -1}, "split: expected a non-negative integer"),
+    ],
 )
 def test_bad_options(options, match):
     with pytest.raises(ValueError, match=match):
@@ -40,14 +46,104 @@ def test_bad_options(options, match):
 def test_options_come_from_the_caller_then_the_model_then_the_defaults():
     from napari_tiled_unet.core.postprocess import postprocess_options
 
-    recommended = {"postprocess": {"threshold": 0.7, "min_size": 25}}
-    assert postprocess_options(recommended) == (0.7, 25)
-    assert postprocess_options(recommended, 0.4, None) == (0.4, 25)
-    assert postprocess_options(recommended, None, 0) == (0.7, 0)
-    assert postprocess_options({}) == (0.5, 0)
-    assert postprocess_options(None, None, 3) == (0.5, 3)
+    recommended = {"postprocess": {"threshold": 0.7, "min_size": 25, "split": 2}}
+    assert postprocess_options(recommended) == (0.7, 25, 2)
+    assert postprocess_options(recommended, 0.4, None) == (0.4, 25, 2)
+    assert postprocess_options(recommended, None, 0, 0) == (0.7, 0, 0)
+    assert postprocess_options({"postprocess": {"threshold": 0.7}}) == (0.7, 0, 0)
+    assert postprocess_options({}) == (0.5, 0, 0)
+    assert postprocess_options(None, None, 3, 1) == (0.5, 3, 1)
     with pytest.raises(ValueError, match="threshold: expected a number in"):
         postprocess_options(recommended, 1.5)
+
+
+def two_discs_and_a_neck(width: int) -> np.ndarray:
+    """Probability 0.9 on two discs of radius 8 px centred at (15, 15) and (15, 34), joined by
+    a horizontal bar ``width`` px high; 0.1 elsewhere. Shape (30, 50): mirror-symmetric about
+    the line between columns 24 and 25."""
+    rows, cols = np.mgrid[:30, :50]
+    discs = ((rows - 15) ** 2 + (cols - 15) ** 2 <= 64) | (
+        (rows - 15) ** 2 + (cols - 34) ** 2 <= 64
+    )
+    bar = (abs(rows - 15) <= (width - 1) // 2) & (cols >= 15) & (cols <= 34)
+    return np.where(discs | bar, 0.9, 0.1).astype(np.float32)
+
+
+def test_split_cuts_a_narrow_neck_and_keeps_every_pixel():
+    probability = two_discs_and_a_neck(width=3)
+    probability[6, 14] = 0.9  # a spur joined to the top of the left disc by a corner only
+    assert probability[7, 15] == 0.9 and probability[7, 14] == probability[6, 15] == 0.1
+    assert label_plane(probability, 0.5, 0, split=0).max() == 1
+    labels = label_plane(probability, 0.5, 0, split=2)
+    assert labels.max() == 2 and labels[6, 14] == 1
+    np.testing.assert_array_equal(labels > 0, probability > 0.5)
+    assert labels[15, 15] == 1 and labels[15, 34] == 2  # ids in raster order
+    # the cut is the mirror line, in the middle of the neck
+    assert set(np.unique(labels[:, :25])) == {0, 1} and set(np.unique(labels[:, 25:])) == {0, 2}
+
+
+def test_split_leaves_wide_necks_lone_objects_and_thin_lines_whole():
+    assert label_plane(two_discs_and_a_neck(width=9), 0.5, 0, split=2).max() == 1
+    probability = np.full((30, 50), 0.1, np.float32)
+    probability[5:15, 5:15] = 0.9  # one square: one core
+    probability[20, 5:45] = 0.9  # a 1 px line: no core, stays one object
+    probability[25:27, 5:8] = 0.9  # 6 px: no core either
+    labels = label_plane(probability, 0.5, 0, split=2)
+    assert labels.max() == 3
+    assert labels[10, 10] == 1 and (labels[20, 5:45] == 2).all() and (labels[25:27, 5:8] == 3).all()
+    assert labels.dtype == np.uint32
+
+
+def test_split_leaves_a_small_lobe_on_its_nucleus(monkeypatch):
+    from napari_tiled_unet.core import postprocess
+
+    rows, cols = np.mgrid[:60, :120]
+    probability = np.full((60, 120), 0.1, np.float32)
+    probability[:30, :50] = two_discs_and_a_neck(width=3)  # a touching pair: cut
+    nucleus = (rows - 45) ** 2 + (cols - 70) ** 2 <= 100  # radius 10
+    lobe = (rows - 45) ** 2 + (cols - 85) ** 2 <= 16  # radius 4: a quarter of a nucleus
+    neck = (rows == 45) & (cols >= 70) & (cols <= 85)
+    probability[nucleus | lobe | neck] = 0.9
+    labels = label_plane(probability, 0.5, 0, split=2)
+    # components in raster order, then the pieces cut off them
+    assert (labels[15, 15], labels[45, 70], labels[45, 85], labels[15, 34]) == (1, 2, 2, 3)
+    monkeypatch.setattr(postprocess, "SMALLEST_PIECE", 0.0)  # without the guard it is cut
+    assert label_plane(probability, 0.5, 0, split=2).max() == 4
+
+
+def test_split_drops_small_objects_after_the_cut():
+    probability = two_discs_and_a_neck(width=3)
+    speck = probability.copy()
+    speck[2:4, 45:48] = 0.9  # 6 px, apart from the discs and under min_size
+    np.testing.assert_array_equal(
+        label_plane(speck, 0.5, 25, split=2), label_plane(probability, 0.5, 0, split=2)
+    )
+
+
+def test_split_is_for_the_two_class_decoder_only():
+    from napari_tiled_unet.core.postprocess import decode_plane
+
+    classes = np.zeros((3, 20, 20), np.float32)
+    classes[0] = 1.0
+    assert decode_plane(classes, 0.5, 0, "boundary", split=0).max() == 0
+    with pytest.raises(ValueError, match="split: expected 0 for a boundary-mode model"):
+        decode_plane(classes, 0.5, 0, "boundary", split=2)
+
+
+def test_tuning_chooses_a_split_where_necks_join_objects():
+    from napari_tiled_unet.core.postprocess import choose_postprocess
+
+    probability = two_discs_and_a_neck(width=3)
+    rows, cols = np.mgrid[:30, :50]
+    truth = np.where((probability > 0.5) & (cols < 25), 1, 0) + np.where(
+        (probability > 0.5) & (cols >= 25), 2, 0
+    )
+    chosen = choose_postprocess([probability], [truth], thresholds=(0.5,), min_sizes=(0,))
+    # eroding a 3 px neck once leaves a 1 px bridge; twice cuts it
+    assert chosen == {"threshold": 0.5, "min_size": 0, "split": 2, "ap50": 1.0, "planes": 1}
+    unsplit = choose_postprocess([probability], [truth], (0.5,), (0,), splits=(0,))
+    # merged, the pair matches one true half (IoU exactly 0.5) and misses the other
+    assert unsplit["split"] == 0 and unsplit["ap50"] == 0.5
 
 
 def test_z_linking_gives_one_id_per_object_through_the_stack():

@@ -663,6 +663,47 @@ def test_a_new_threshold_relabels_from_the_kept_maps_without_the_network(
     assert viewer.layers["blobs labels"] is layer and len(viewer.layers) == 2
 
 
+def test_the_neck_split_comes_from_the_model_and_relabels_without_the_network(
+    viewer, qtbot, tmp_path, monkeypatch, errors
+):
+    from dataclasses import replace
+
+    from napari_tiled_unet.core import segment as segment_core
+    from napari_tiled_unet.core.postprocess import label_plane
+
+    from ..core.test_postprocess import two_discs_and_a_neck
+
+    recommended = {"threshold": 0.5, "min_size": 0, "split": 2}
+    path = save_model(
+        make_model(depth=2, base_channels=4, seed=3),
+        tmp_path / "split.safetensors",
+        metadata={"postprocess": recommended},
+    )
+    given = []
+    real_segment = segment_core.segment
+    monkeypatch.setattr(
+        segment_core, "segment", lambda *a, **k: given.append(k["split"]) or real_segment(*a, **k)
+    )
+    necks = two_discs_and_a_neck(width=3)
+    viewer.add_image(necks, name="necks")
+    widget = segment_widget(viewer, path)
+    assert widget._split.value == 2 and widget._split.enabled
+    run_and_wait(qtbot, widget)
+    assert given == [2] and not errors
+    # the kept maps replaced by a known probability: what a relabel makes of them is exact
+    widget._cache = replace(widget._cache, maps={(): necks})
+    layer = viewer.layers["necks labels"]
+    for split, objects in ((0, 1), (2, 2)):
+        widget._split.value = split
+        qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
+        np.testing.assert_array_equal(layer.data, label_plane(necks, 0.5, 0, split))
+        assert layer.data.max() == objects
+    assert given == [2] and not errors
+    three_class = save_model(make_model(n_classes=3), tmp_path / "boundary.safetensors")
+    widget.select_model(three_class)  # splits objects from its own seeds
+    assert widget._split.value == 0 and not widget._split.enabled
+
+
 def test_an_rgb_layer_follows_the_command_lines_colour_rule(
     viewer, qtbot, model_file, rng, monkeypatch, errors
 ):

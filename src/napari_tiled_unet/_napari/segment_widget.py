@@ -54,6 +54,7 @@ class SegmentJob:
     options: dict  # tile, batch, device for the core engine
     threshold: float
     min_size: int
+    split: int  # neck-splitting depth (px), see core.postprocess.label_plane
     probabilities: bool
     placement: Placement
     plane: tuple | None = None  # leading index when only the current plane is segmented
@@ -125,6 +126,15 @@ class SegmentWidget(Container):
             max=10**7,
             tooltip="objects with fewer pixels (px, in the image's grid) are removed",
         )
+        self._split = SpinBox(
+            label="split necks (px)",
+            value=0,
+            min=0,
+            max=50,
+            tooltip="cut objects where a neck narrower than about 2 x this + 1 px joins them "
+            "(touching nuclei the threshold leaves joined); 0: no cut. 2-class models only; "
+            "starts at the model's recommendation",
+        )
         self._link_z = FloatSpinBox(
             label="link Z (IoU)",
             value=0.0,
@@ -173,6 +183,7 @@ class SegmentWidget(Container):
                 self._diameter,
                 self._threshold,
                 self._min_size,
+                self._split,
                 self._link_z,
                 self._measure,
                 self._table_file,
@@ -195,6 +206,7 @@ class SegmentWidget(Container):
         self._cancel.changed.connect(self.cancel)
         self._threshold.changed.connect(self.relabel)
         self._min_size.changed.connect(self.relabel)
+        self._split.changed.connect(self.relabel)
         on_new_model = self._on_new_session_model
         SESSION_MODELS.changed.connect(on_new_model)
         # The registry outlives viewers: a closed widget must not be called back.
@@ -236,8 +248,9 @@ class SegmentWidget(Container):
         )
 
     def relabel(self, *_) -> None:
-        """Relabel the last result with the form's threshold and minimum size from the kept
-        network maps: no forward pass. Does nothing without a result of the selected image."""
+        """Relabel the last result with the form's threshold, minimum size and neck split from
+        the kept network maps: no forward pass. Does nothing without a result of the selected
+        image."""
         cache = self._cache
         if cache is None or cache.job.layer is not self._image.value:
             return
@@ -249,6 +262,7 @@ class SegmentWidget(Container):
             cache.job,
             threshold=float(self._threshold.value),
             min_size=int(self._min_size.value),
+            split=int(self._split.value),
             stop=threading.Event(),
         )
         self._run_worker(job, _relabel(job, cache))
@@ -272,7 +286,8 @@ class SegmentWidget(Container):
 
     def _on_model_changed(self, *_) -> None:
         """Show the file picker for "load from file", and take the model's recommended
-        threshold and minimum object size."""
+        threshold, minimum object size and neck split."""
+        from ..core.config import UNetConfig
         from ..core.modelfile import read_header
 
         self._model_file.visible = self._model.value == FROM_FILE
@@ -288,6 +303,9 @@ class SegmentWidget(Container):
         recommended = metadata.get("postprocess") or {}
         self._threshold.value = recommended.get("threshold", 0.5)
         self._min_size.value = recommended.get("min_size", 0)
+        self._split.value = recommended.get("split", 0)
+        # 3-class models split objects from their own seeds
+        self._split.enabled = UNetConfig.from_dict(header["config"]).output_mode == "paper"
 
     def _on_scope_changed(self, *_) -> None:
         folder = self._scope.value == FOLDER
@@ -348,6 +366,7 @@ class SegmentWidget(Container):
             },
             threshold=float(self._threshold.value),
             min_size=int(self._min_size.value),
+            split=int(self._split.value),
             probabilities=bool(self._probabilities.value),
             placement=Placement.of(layer, axis),
             plane=plane,
@@ -378,6 +397,7 @@ class SegmentWidget(Container):
             "device": self._device.value,
             "threshold": float(self._threshold.value),
             "min_size": int(self._min_size.value),
+            "split": int(self._split.value),
         }
         return FolderJob(
             name=Path(self._in_folder.value).name,
@@ -632,6 +652,7 @@ def _segment(job: SegmentJob, keep: dict):
             channel_axis=axis,
             threshold=job.threshold,
             min_size=job.min_size,
+            split=job.split,
             should_stop=job.stop.is_set,
             **job.options,
         )
@@ -690,8 +711,8 @@ def _kept(maps, leading, plane, lazy: bool):
 # errors raised inside reach the user through notify_errors
 @thread_worker(ignore_errors=True)
 def _relabel(job: SegmentJob, cache: RelabelCache):
-    """Worker: the cached maps relabelled with the job's threshold and minimum size (no
-    network); yields RelabelProgress, returns as :func:`_segment` does."""
+    """Worker: the cached maps relabelled with the job's post-processing options (no network);
+    yields RelabelProgress, returns as :func:`_segment` does."""
     from ..core.segment import relabel_plane
 
     data, axis, shape, lazy = _job_input(job)
@@ -707,6 +728,7 @@ def _relabel(job: SegmentJob, cache: RelabelCache):
                 cache.plane_shape,
                 cache.factor,
                 cache.mode,
+                job.split,
             )
             collector.add(index, lead, labels, probability, int(labels.max()))
             yield RelabelProgress(index + 1, len(cache.leads))

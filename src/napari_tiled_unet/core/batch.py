@@ -189,7 +189,7 @@ def segment_file(
     events = segment(
         model, image.data, channel_axis=channel_axis, should_stop=should_stop, **options
     )
-    _, min_size = postprocess_options(
+    _, min_size, _ = postprocess_options(
         model.metadata, options.get("threshold"), options.get("min_size")
     )
     planes = int(np.prod(shape[:-2], dtype=np.int64)) if linker else 1

@@ -197,7 +197,8 @@ def plan_job(
             f"model: the cluster path labels 2-class (foreground) models; this one "
             f"has {model.config.n_classes} outputs ({model.config.output_mode} mode)"
         )
-    threshold, min_size = postprocess_options(model.metadata, threshold, min_size)
+    # blocks are labelled as connected components: a neck split needs whole objects
+    threshold, min_size, _ = postprocess_options(model.metadata, threshold, min_size, split=0)
     image = open_image(input_path, series=series)
     grey_axis = None
     if channel_axis == "auto":

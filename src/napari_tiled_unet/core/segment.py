@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .normalize import Normalization
-from .postprocess import decode_plane, postprocess_options
+from .postprocess import check_split, decode_plane, postprocess_options
 from .rescale import (
     LARGEST_FACTOR,
     SMALLEST_FACTOR,
@@ -47,7 +47,7 @@ class PlaneResult:
     count : int
     maps : numpy.ndarray of float32, shape (Y', X') or (3, Y', X')
         What the labels were decoded from, at the working scale: kept by callers that relabel
-        with another threshold or minimum size without the network (:func:`relabel_plane`).
+        with other post-processing options without the network (:func:`relabel_plane`).
     """
 
     index: int
@@ -98,6 +98,7 @@ def segment(
     channel_axis: int | None = None,
     threshold: float | None = None,
     min_size: int | None = None,
+    split: int | None = None,
     tile: int | str | tuple[int, int] = "auto",
     batch: int | str = "auto",
     device: str = "auto",
@@ -117,8 +118,9 @@ def segment(
         A 2-class (paper) or 3-class (boundary) model (:mod:`.targets`).
     image : array-like, shape (..., Y, X)
         As for :func:`~.predict.predict`.
-    threshold, min_size : optional
-        Post-processing; default: the model's recommendation, else 0.5 and 0.
+    threshold, min_size, split : optional
+        Post-processing (:func:`.postprocess.decode_plane`); default: the model's
+        recommendation, else 0.5, 0 and 0.
     tile, batch, device, precision, normalization, channel_axis
         Passed to :func:`~.predict.predict`.
     should_stop : callable, optional
@@ -138,7 +140,8 @@ def segment(
     from .predict import check_image, predict
     from .shapes import leading_shape
 
-    threshold, min_size = postprocess_options(model.metadata, threshold, min_size)
+    threshold, min_size, split = postprocess_options(model.metadata, threshold, min_size, split)
+    check_split(split, model.config.output_mode)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected a positive integer, got {workers!r}")
     check_image(image)
@@ -169,8 +172,7 @@ def segment(
     labeller = _Labeller(
         sink,
         leading,
-        threshold,
-        min_size,
+        (threshold, min_size, split),
         workers,
         tuple(image.shape[-2:]),
         diameter,
@@ -291,10 +293,11 @@ def relabel_plane(
     plane_shape: tuple[int, int],
     factor: float = 1.0,
     mode: str | None = None,
+    split: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Instance labels and foreground probability of one plane from the network's maps: the
-    step of :func:`segment` after the network, so a new threshold or minimum size needs no
-    forward pass.
+    step of :func:`segment` after the network, so new post-processing options need no forward
+    pass.
 
     Parameters
     ----------
@@ -310,13 +313,15 @@ def relabel_plane(
         Working scale / original scale (:attr:`SegmentEvent.factor`).
     mode : str, optional
         The model's output mode (``UNetConfig.output_mode``; :func:`.postprocess.decode_plane`).
+    split : int
+        Neck-splitting depth, px at the working scale (:func:`.postprocess.label_plane`).
 
     Returns
     -------
     labels : numpy.ndarray of uint32, shape (Y, X)
     probability : numpy.ndarray of float32, shape (Y, X)
     """
-    labels = decode_plane(maps, threshold, min_size, mode)
+    labels = decode_plane(maps, threshold, min_size, mode, split)
     probability = maps if maps.ndim == 2 else (1.0 - maps[0]).astype(np.float32)
     if factor != 1.0:
         labels, probability = back_to_original(labels, probability, plane_shape, factor)
@@ -326,10 +331,9 @@ def relabel_plane(
 class _Labeller:
     """Labels completed planes in a thread pool and hands them out in order."""
 
-    def __init__(
-        self, sink, leading, threshold, min_size, workers, plane_shape, diameter, factor, mode
-    ):
-        self.sink, self.threshold, self.min_size, self.mode = sink, threshold, min_size, mode
+    def __init__(self, sink, leading, options, workers, plane_shape, diameter, factor, mode):
+        self.sink, self.mode = sink, mode
+        self.threshold, self.min_size, self.split = options
         self.leads = list(np.ndindex(*leading))
         self.workers = workers
         self.plane_shape, self.diameter, self.factor = plane_shape, diameter, factor
@@ -376,7 +380,13 @@ class _Labeller:
 
     def _label(self, index: int, maps: np.ndarray) -> PlaneResult:
         labels, probability = relabel_plane(
-            maps, self.threshold, self.min_size, self.plane_shape, self.factor, self.mode
+            maps,
+            self.threshold,
+            self.min_size,
+            self.plane_shape,
+            self.factor,
+            self.mode,
+            self.split,
         )
         return PlaneResult(index, self.leads[index], labels, probability, int(labels.max()), maps)
 

@@ -1,4 +1,5 @@
-"""Seeded synthetic fluorescence-like images of touching blobs, for training tests."""
+"""Seeded synthetic fluorescence-like images of touching blobs, for training tests, and
+probability maps of known shape, for the decoders."""
 
 import numpy as np
 
@@ -37,3 +38,15 @@ def touching_blobs(seed: int, size: int = 128, pairs: int = 6, singles: int = 4)
         placed.extend(centres)
     image += rng.normal(0, 0.05, image.shape).astype(np.float32)
     return image, labels
+
+
+def two_discs_and_a_neck(width: int) -> np.ndarray:
+    """Probability 0.9 on two discs of radius 8 px centred at (15, 15) and (15, 34), joined by
+    a horizontal bar ``width`` px high; 0.1 elsewhere. Shape (30, 50): mirror-symmetric about
+    the line between columns 24 and 25."""
+    rows, cols = np.mgrid[:30, :50]
+    discs = ((rows - 15) ** 2 + (cols - 15) ** 2 <= 64) | (
+        (rows - 15) ** 2 + (cols - 34) ** 2 <= 64
+    )
+    bar = (abs(rows - 15) <= (width - 1) // 2) & (cols >= 15) & (cols <= 34)
+    return np.where(discs | bar, 0.9, 0.1).astype(np.float32)

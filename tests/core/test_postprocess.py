@@ -3,6 +3,8 @@ import pytest
 
 from napari_tiled_unet.core.postprocess import instance_labels, label_plane, labels_dtype
 
+from ..synthetic import two_discs_and_a_neck
+
 
 def test_components_are_8_connected_and_small_ones_dropped():
     probability = np.zeros((8, 8), np.float32)
@@ -55,18 +57,6 @@ def test_options_come_from_the_caller_then_the_model_then_the_defaults():
     assert postprocess_options(None, None, 3, 1) == (0.5, 3, 1)
     with pytest.raises(ValueError, match="threshold: expected a number in"):
         postprocess_options(recommended, 1.5)
-
-
-def two_discs_and_a_neck(width: int) -> np.ndarray:
-    """Probability 0.9 on two discs of radius 8 px centred at (15, 15) and (15, 34), joined by
-    a horizontal bar ``width`` px high; 0.1 elsewhere. Shape (30, 50): mirror-symmetric about
-    the line between columns 24 and 25."""
-    rows, cols = np.mgrid[:30, :50]
-    discs = ((rows - 15) ** 2 + (cols - 15) ** 2 <= 64) | (
-        (rows - 15) ** 2 + (cols - 34) ** 2 <= 64
-    )
-    bar = (abs(rows - 15) <= (width - 1) // 2) & (cols >= 15) & (cols <= 34)
-    return np.where(discs | bar, 0.9, 0.1).astype(np.float32)
 
 
 def test_split_cuts_a_narrow_neck_and_keeps_every_pixel():

@@ -671,7 +671,7 @@ def test_the_neck_split_comes_from_the_model_and_relabels_without_the_network(
     from napari_tiled_unet.core import segment as segment_core
     from napari_tiled_unet.core.postprocess import label_plane
 
-    from ..core.test_postprocess import two_discs_and_a_neck
+    from ..synthetic import two_discs_and_a_neck
 
     recommended = {"threshold": 0.5, "min_size": 0, "split": 2}
     path = save_model(

@@ -69,17 +69,16 @@ def label_plane(
     labels = np.empty(foreground.shape, np.uint32)
     count = ndimage.label(foreground, structure=EIGHT, output=labels)
     if split and count:
-        labels, count = _split_necks(labels, count, probability, split, min_size)
+        labels, count = _split_necks(labels, count, foreground, probability, split, min_size)
     return _without_small(labels, count, min_size, foreground)
 
 
-def _split_necks(labels, count: int, probability, split: int, min_size: int):
+def _split_necks(labels, count: int, foreground, probability, split: int, min_size: int):
     """Components of ``labels`` (uint32, ids 1..count, in place) cut where eroding them
     ``split`` times separates cores: (labels, their count). A cut component keeps its id for
     the piece that holds its first pixel; its other pieces get ids from ``count + 1`` on."""
     from scipy import ndimage
 
-    foreground = labels > 0
     cores, n_cores = _cores(foreground, split)
     inside = cores > 0
     pairs = np.unique(labels[inside].astype(np.int64) * (n_cores + 1) + cores[inside])

@@ -50,3 +50,12 @@ def two_discs_and_a_neck(width: int) -> np.ndarray:
     )
     bar = (abs(rows - 15) <= (width - 1) // 2) & (cols >= 15) & (cols <= 34)
     return np.where(discs | bar, 0.9, 0.1).astype(np.float32)
+
+
+def discs(shape: tuple[int, int], *circles: tuple[float, float, float]) -> np.ndarray:
+    """Probability 0.9 inside any of the ``circles`` (row, column, radius), 0.1 elsewhere."""
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    inside = np.zeros(shape, bool)
+    for row, col, radius in circles:
+        inside |= (rows - row) ** 2 + (cols - col) ** 2 <= radius**2
+    return np.where(inside, 0.9, 0.1).astype(np.float32)

@@ -122,8 +122,9 @@ def _parser() -> argparse.ArgumentParser:
         "--split",
         type=int,
         metavar="PX",
-        help="cut objects where a neck narrower than about 2 PX + 1 pixels joins them "
-        "(2-class models; default: the model's recommendation, else 0: no cut)",
+        help="cut touching objects: where a neck narrower than about 2 PX + 1 pixels joins "
+        "them, and between two deep notches of an overlapping pair (2-class models; default: "
+        "the model's recommendation, else 0: no cuts)",
     )
     segment.add_argument(
         "--channel-axis",

@@ -3,7 +3,7 @@ import pytest
 
 from napari_tiled_unet.core.postprocess import instance_labels, label_plane, labels_dtype
 
-from ..synthetic import two_discs_and_a_neck
+from ..synthetic import discs, two_discs_and_a_neck
 
 
 def test_components_are_8_connected_and_small_ones_dropped():
@@ -101,6 +101,57 @@ def test_split_leaves_a_small_lobe_on_its_nucleus(monkeypatch):
     assert label_plane(probability, 0.5, 0, split=2).max() == 4
 
 
+# three lone discs of radius 10 px set the plane's median object (317 px)
+LONE = [(20, 100 + 30 * i, 10) for i in range(3)]
+
+
+def test_split_cuts_overlapping_discs_at_their_waist_and_keeps_every_pixel():
+    # radius 10, 16 px apart: a 12 px waist, too wide for the neck cut, with two 4 px notches
+    probability = discs((40, 200), (20, 20, 10), (20, 36, 10), *LONE)
+    assert label_plane(probability, 0.5, 0, split=0).max() == 4
+    labels = label_plane(probability, 0.5, 0, split=2)
+    assert labels.max() == 5
+    np.testing.assert_array_equal(labels > 0, probability > 0.5)
+    # the cut runs down column 28, the mirror line: two equal halves, and the line's 13 px go to
+    # one of them (the left disc, which keeps id 1)
+    assert set(np.unique(labels[:, :29])) == {0, 1} and set(np.unique(labels[:, 29:50])) == {0, 5}
+    assert [int((labels == i).sum()) for i in (1, 5)] == [294 + 13, 294]
+
+
+def test_split_cuts_a_chain_of_three_discs_at_both_waists():
+    probability = discs((40, 200), (20, 20, 10), (20, 36, 10), (20, 52, 10), *LONE)
+    labels = label_plane(probability, 0.5, 0, split=2)
+    assert labels.max() == 6
+    pieces = [set(np.unique(labels[:, a:b])) - {0} for a, b in ((0, 28), (29, 44), (45, 70))]
+    assert len(set.union(*pieces)) == 3 and all(len(p) == 1 for p in pieces)
+
+
+@pytest.mark.parametrize("shape", ["kidney", "ellipse", "pair with a hole"])
+def test_split_leaves_one_notch_shallow_notches_and_holed_objects_whole(shape):
+    rows, cols = np.mgrid[:40, :200]
+    if shape == "kidney":  # a disc with a bite out of one side: one deep notch
+        probability = discs((40, 200), (20, 20, 12), *LONE)
+        probability[(rows - 20) ** 2 + (cols - 6) ** 2 <= 36] = 0.1
+    elif shape == "ellipse":
+        probability = discs((40, 200), *LONE)
+        probability[((rows - 20) / 9) ** 2 + ((cols - 30) / 22) ** 2 <= 1] = 0.9
+    else:  # the overlapping pair above, with a dim 3 x 3 px inside
+        probability = discs((40, 200), (20, 20, 10), (20, 36, 10), *LONE)
+        probability[19:22, 27:30] = 0.1
+    assert label_plane(probability, 0.5, 0, split=2).max() == 4
+
+
+def test_split_leaves_a_small_overlapping_disc_on_its_neighbour(monkeypatch):
+    from napari_tiled_unet.core import postprocess
+
+    probability = discs((40, 200), (20, 20, 10), (20, 35, 7), *LONE)
+    # cut off, the small disc would be 141 px, under half the median (317 px)
+    assert label_plane(probability, 0.5, 0, split=2).max() == 4
+    monkeypatch.setattr(postprocess, "SMALLEST_PIECE", 0.0)
+    labels = label_plane(probability, 0.5, 0, split=2)
+    assert np.bincount(labels.ravel())[1:].tolist() == [316, 317, 317, 317, 141]
+
+
 def test_split_drops_small_objects_after_the_cut():
     probability = two_discs_and_a_neck(width=3)
     speck = probability.copy()
@@ -134,6 +185,21 @@ def test_tuning_chooses_a_split_where_necks_join_objects():
     unsplit = choose_postprocess([probability], [truth], (0.5,), (0,), splits=(0,))
     # merged, the pair matches one true half (IoU exactly 0.5) and misses the other
     assert unsplit["split"] == 0 and unsplit["ap50"] == 0.5
+
+
+def test_tuning_scores_each_size_as_the_split_sees_it():
+    from napari_tiled_unet.core.postprocess import choose_postprocess, decode_plane
+
+    probability = discs((40, 200), (20, 20, 10), (20, 36, 10), *LONE)
+    truth = label_plane(probability, 0.5, 0, split=2)  # the pair cut, as above
+    for i in range(8):
+        probability[2:4, 5 + 6 * i : 7 + 6 * i] = 0.9  # 4 px specks, not in the truth
+    # the specks make the plane's median object 4 px: with them the outlines' pixel steps count
+    # as deep notches, and each of the four objects is cut the most times allowed
+    assert decode_plane(probability, 0.5, 0, "paper", 2).max() == 8 + 4 * 8
+    chosen = choose_postprocess([probability], [truth], (0.5,), (0, 10), splits=(0, 2))
+    # without them (min_size 10) it is: the split's median counts only the objects kept
+    assert chosen == {"threshold": 0.5, "min_size": 10, "split": 2, "ap50": 1.0, "planes": 1}
 
 
 def test_z_linking_gives_one_id_per_object_through_the_stack():

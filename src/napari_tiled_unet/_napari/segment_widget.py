@@ -54,7 +54,7 @@ class SegmentJob:
     options: dict  # tile, batch, device for the core engine
     threshold: float
     min_size: int
-    split: int  # neck-splitting depth (px), see core.postprocess.label_plane
+    split: int  # neck-splitting depth (px), 0: no cuts; see core.postprocess.label_plane
     probabilities: bool
     placement: Placement
     plane: tuple | None = None  # leading index when only the current plane is segmented
@@ -127,13 +127,14 @@ class SegmentWidget(Container):
             tooltip="objects with fewer pixels (px, in the image's grid) are removed",
         )
         self._split = SpinBox(
-            label="split necks (px)",
+            label="split touching (px)",
             value=0,
             min=0,
             max=50,
-            tooltip="cut objects where a neck narrower than about 2 x this + 1 px joins them "
-            "(touching nuclei the threshold leaves joined); 0: no cut. 2-class models only; "
-            "starts at the model's recommendation",
+            tooltip="cut touching nuclei the threshold leaves joined: where a neck narrower "
+            "than about 2 x this + 1 px joins them, and between two deep notches of an "
+            "overlapping pair; 0: no cuts. 2-class models only; starts at the model's "
+            "recommendation",
         )
         self._link_z = FloatSpinBox(
             label="link Z (IoU)",

@@ -3,8 +3,9 @@
 Two decoders, one per output mode (:mod:`.targets`):
 
 - "paper" (2 classes): foreground probability above a threshold, 8-connected components;
-  optionally split at narrow necks (``split``): the network often leaves touching nuclei joined
-  by a bridge a few pixels wide, which a threshold alone only trades against missed nuclei.
+  optionally split (``split``) at narrow necks and between pairs of deep notches: the network
+  often leaves touching nuclei joined by a bridge a few pixels wide, or overlapping nuclei as
+  one blob with a waist, which a threshold alone only trades against missed nuclei.
 - "boundary" (3 classes): interiors above a threshold are the seeds; scikit-image's watershed
   grows them over the foreground (interior + boundary probability above 0.5), so touching
   objects that share a boundary band become separate objects.
@@ -34,22 +35,41 @@ MIN_CORE = 5
 # smaller piece is a lobe of one large nucleus, not a nucleus of its own (a round prior: the
 # bundled model's tuning images score 0.4-0.6 within 0.004 of each other)
 SMALLEST_PIECE = 0.5
+# a straight cut between two of an object's notches is made only if both reach this far into
+# its convex hull, as a fraction of the radius of the plane's median object: two overlapping
+# round nuclei make two deep notches at their waist; a kidney-shaped nucleus makes one, a
+# ragged outline shallow ones. The plane's radius, not the object's, so that the waists along
+# a chain of three nuclei count as much as a pair's (the bundled model's tuning images, mean
+# AP@0.5: 0.2 / 0.3 / 0.35 / 0.4 / 0.5 scored 0.844 / 0.875 / 0.875 / 0.874 / 0.873, against
+# 0.870 without these cuts)
+NOTCH_DEPTH = 0.35
+# cuts per component: a cluster of n overlapping nuclei needs n - 1
+MAX_NOTCH_CUTS = 7
 
 
 def label_plane(
     probability: np.ndarray, threshold: float = 0.5, min_size: int = 0, split: int = 0
 ) -> np.ndarray:
     """Instance labels of one plane: pixels with ``probability > threshold``, 8-connected
-    components, split at necks narrower than about ``2 * split + 1`` px, components smaller
-    than ``min_size`` pixels removed, ids 1..N in raster order (the pieces cut off a component
-    after all components).
+    components, split at necks narrower than about ``2 * split + 1`` px and between deep
+    notches, components smaller than ``min_size`` pixels removed, ids 1..N in raster order (the
+    pieces cut off a component after all components).
 
-    Splitting (``split > 0``): the foreground is eroded ``split`` times (4-connected); each
-    8-connected part of what remains, of at least ``MIN_CORE`` px, is a core. A component with
-    two or more cores is shared among them by scikit-image's watershed of the inverted
-    probability (8-connected), unless a piece would be smaller than ``SMALLEST_PIECE`` times the
-    median area of the plane's objects after the cuts (those of at least ``min_size`` px): then
-    it stays whole.
+    Splitting (``split > 0``), in two steps:
+
+    1. Necks: the foreground is eroded ``split`` times (4-connected); each 8-connected part of
+       what remains, of at least ``MIN_CORE`` px, is a core. A component with two or more cores
+       is shared among them by scikit-image's watershed of the inverted probability
+       (8-connected).
+    2. Notches: where two of an object's notches (the gaps between it and its convex hull)
+       reach ``NOTCH_DEPTH`` times the radius of the plane's median object into the hull, a
+       straight line between their deepest points cuts it in two (of several such pairs, the
+       shortest cut that leaves two pieces); each piece is tried again, up to
+       ``MAX_NOTCH_CUTS`` cuts per component. Objects with holes are not cut this way.
+
+    The plane's median object is the median area of its objects of at least ``min_size`` px,
+    after the neck cuts (its radius: that of a disc of that area). Neither step makes a cut that leaves a piece smaller than
+    ``SMALLEST_PIECE`` times it.
 
     Parameters
     ----------
@@ -57,7 +77,7 @@ def label_plane(
     threshold : float
     min_size : int
     split : int
-        Erosion depth (px); 0: plain connected components.
+        Erosion depth (px) of the neck cuts; 0: plain connected components, no cuts at all.
 
     Returns
     -------
@@ -70,6 +90,7 @@ def label_plane(
     count = ndimage.label(foreground, structure=EIGHT, output=labels)
     if split and count:
         labels, count = _split_necks(labels, count, foreground, probability, split, min_size)
+        labels, count = _cut_at_notches(labels, count, foreground, min_size)
     return _without_small(labels, count, min_size, foreground)
 
 
@@ -93,13 +114,120 @@ def _split_necks(labels, count: int, foreground, probability, split: int, min_si
     }
     piece_areas = {c: np.unique(p[p > 0], return_counts=True)[1] for c, p in cuts.items()}
     areas = np.bincount(labels[foreground], minlength=count + 1)[1:]
-    objects = np.concatenate([np.delete(areas, several - 1), *piece_areas.values()])
-    objects = objects[objects >= max(min_size, 1)]
-    least = SMALLEST_PIECE * float(np.median(objects)) if objects.size else 0.0
+    typical = _median_area(
+        np.concatenate([np.delete(areas, several - 1), *piece_areas.values()]), min_size
+    )
+    least = SMALLEST_PIECE * typical
     for component, pieces in cuts.items():
         if piece_areas[component].min() >= least:
             count = _relabel_pieces(labels[boxes[component - 1]], pieces, component, count)
     return labels, count
+
+
+def _median_area(areas: np.ndarray, min_size: int) -> float:
+    """The median of the object ``areas`` (px) of at least ``min_size``; 0.0 if there are none."""
+    objects = areas[areas >= max(min_size, 1)]
+    return float(np.median(objects)) if objects.size else 0.0
+
+
+def _cut_at_notches(labels, count: int, foreground, min_size: int):
+    """Objects of ``labels`` (uint32, ids 1..count, in place) cut between pairs of deep notches
+    (:func:`label_plane`): (labels, their count). A cut object keeps its id for the piece that
+    holds its first pixel; its other pieces get ids from ``count + 1`` on."""
+    from scipy import ndimage
+
+    areas = np.bincount(labels[foreground], minlength=count + 1)[1:]
+    typical = _median_area(areas, min_size)
+    if not typical:  # every object goes to the size filter
+        return labels, count
+    least = SMALLEST_PIECE * typical
+    deep = NOTCH_DEPTH * np.sqrt(typical / np.pi)
+    for component, box in enumerate(ndimage.find_objects(labels), 1):
+        if box is None or areas[component - 1] < 2 * least:
+            continue
+        region = labels[box]
+        pieces = _notch_pieces(region == component, deep, least)
+        if pieces.max() > 1:
+            count = _relabel_pieces(region, pieces, component, count)
+    return labels, count
+
+
+def _notch_pieces(mask, deep: float, least: float) -> np.ndarray:
+    """``mask`` (one object) cut between deep notches, again and again: piece ids 1.. on the
+    mask, 0 elsewhere."""
+    pieces = mask.astype(np.uint32)
+    uncut = [1]
+    while uncut and pieces.max() <= MAX_NOTCH_CUTS:
+        piece = uncut.pop()
+        half = _notch_cut(pieces == piece, deep, least)
+        if half is not None:
+            pieces[half] = pieces.max() + 1
+            uncut += [piece, int(pieces.max())]
+    return pieces
+
+
+def _notch_cut(mask, deep: float, least: float) -> np.ndarray | None:
+    """The half of ``mask`` that a straight cut between two notches at least ``deep`` px deep
+    separates, or None where fewer than two notches are that deep or every cut leaves a piece
+    under ``least`` px."""
+    from scipy import ndimage
+    from skimage.morphology import convex_hull_image
+
+    area = int(mask.sum())
+    # a hole (a background part apart from the box's rim) is a dim inside the threshold left
+    # out: one large nucleus, whose notches are the clefts between its lobes (the bundled
+    # model's tuning images: 36 fewer false objects than with holes filled)
+    if area < 2 * least or ndimage.label(~np.pad(mask, 1))[1] > 1:
+        return None
+    hull = convex_hull_image(mask)
+    notches, n = ndimage.label(hull & ~mask)
+    if n < 2:
+        return None
+    depth = ndimage.distance_transform_edt(np.pad(hull, 1))[1:-1, 1:-1]
+    points = _deepest_points(notches, depth, deep, mask.shape)
+    # the shortest cut first: along a chain of nuclei, a notch faces its partner across the
+    # waist, not its neighbour on the same side
+    pairs = sorted(
+        (np.hypot(*np.subtract(a, b)), a, b) for i, a in enumerate(points) for b in points[i + 1 :]
+    )
+    for _, a, b in pairs:
+        half = _halves(mask, (a, b), least)
+        if half is not None:
+            return half
+    return None
+
+
+def _deepest_points(notches, depth, deep: float, shape) -> list[tuple[int, int]]:
+    """The deepest pixel (row, col) of each of the ``notches`` (labels) that reaches ``deep``
+    px into the hull (``depth``)."""
+    where = np.flatnonzero(notches)
+    ids, depths = notches.flat[where], depth.flat[where]
+    order = np.lexsort((-depths, ids))  # notch by notch, deepest first
+    deepest = order[np.r_[True, ids[order][1:] != ids[order][:-1]]]
+    deepest = deepest[depths[deepest] >= deep]
+    rows, cols = np.unravel_index(where[deepest], shape)
+    return [(int(r), int(c)) for r, c in zip(rows, cols)]
+
+
+def _halves(mask, ends, least: float) -> np.ndarray | None:
+    """The part of ``mask`` on one side of the line between ``ends`` (two (row, col)), every
+    pixel given to the nearer side; None when a side is under ``least`` px."""
+    from scipy import ndimage
+    from skimage.draw import line
+
+    cut = mask.copy()
+    cut[line(*ends[0], *ends[1])] = False
+    # 4-connected: an 8-connected line separates the sides
+    sides, n = ndimage.label(cut)
+    if n < 2:
+        return None
+    two = np.argsort(np.bincount(sides.ravel())[1:])[-2:] + 1
+    seeds = np.where(np.isin(sides, two), sides, 0)
+    nearest = ndimage.distance_transform_edt(
+        seeds == 0, return_distances=False, return_indices=True
+    )
+    half = mask & (seeds[tuple(nearest)] == two[0])
+    return half if least <= half.sum() <= mask.sum() - least else None
 
 
 def _relabel_pieces(region, pieces, component: int, count: int) -> int:
@@ -382,18 +510,11 @@ def choose_postprocess(
         splits = (0,)
     scores = {}
     for threshold, split in product(thresholds, splits):
-        check_postprocess_options(threshold, 0, split)
-        # the size filter comes last in every decoder: decode once, filter per size
-        decoded = [decode_plane(p, threshold, 0, mode, split) for p in probabilities]
         for min_size in min_sizes:
             check_postprocess_options(threshold, min_size, split)
+        for min_size, decoded in _decoded_by_size(probabilities, threshold, min_sizes, mode, split):
             scores[threshold, min_size, split] = float(
-                np.mean(
-                    [
-                        match_objects(_without_small_copy(labels, min_size), t, 0.5).ap
-                        for labels, t in zip(decoded, truths)
-                    ]
-                )
+                np.mean([match_objects(labels, t, 0.5).ap for labels, t in zip(decoded, truths)])
             )
     if not scores:
         raise ValueError("thresholds, min_sizes, splits: expected non-empty grids")
@@ -405,6 +526,22 @@ def choose_postprocess(
         "ap50": scores[best],
         "planes": len(truths),
     }
+
+
+def _decoded_by_size(probabilities, threshold: float, min_sizes, mode, split: int):
+    """(min_size, the decoded planes) for each of ``min_sizes``. The size filter comes last in
+    every decoder, so without a split one decoding serves every size; a split's guards measure
+    the plane's objects of at least ``min_size``, so with one, each size is decoded."""
+    if split:
+        for min_size in min_sizes:
+            yield (
+                min_size,
+                [decode_plane(p, threshold, min_size, mode, split) for p in probabilities],
+            )
+        return
+    decoded = [decode_plane(p, threshold, 0, mode, 0) for p in probabilities]
+    for min_size in min_sizes:
+        yield min_size, [_without_small_copy(labels, min_size) for labels in decoded]
 
 
 def _without_small_copy(labels: np.ndarray, min_size: int) -> np.ndarray:

@@ -314,7 +314,8 @@ def relabel_plane(
     mode : str, optional
         The model's output mode (``UNetConfig.output_mode``; :func:`.postprocess.decode_plane`).
     split : int
-        Neck-splitting depth, px at the working scale (:func:`.postprocess.label_plane`).
+        Neck-splitting depth, px at the working scale; 0: no cuts
+        (:func:`.postprocess.label_plane`).
 
     Returns
     -------

@@ -44,12 +44,10 @@ def two_discs_and_a_neck(width: int) -> np.ndarray:
     """Probability 0.9 on two discs of radius 8 px centred at (15, 15) and (15, 34), joined by
     a horizontal bar ``width`` px high; 0.1 elsewhere. Shape (30, 50): mirror-symmetric about
     the line between columns 24 and 25."""
+    probability = discs((30, 50), (15, 15, 8), (15, 34, 8))
     rows, cols = np.mgrid[:30, :50]
-    discs = ((rows - 15) ** 2 + (cols - 15) ** 2 <= 64) | (
-        (rows - 15) ** 2 + (cols - 34) ** 2 <= 64
-    )
-    bar = (abs(rows - 15) <= (width - 1) // 2) & (cols >= 15) & (cols <= 34)
-    return np.where(discs | bar, 0.9, 0.1).astype(np.float32)
+    probability[(abs(rows - 15) <= (width - 1) // 2) & (cols >= 15) & (cols <= 34)] = 0.9
+    return probability
 
 
 def discs(shape: tuple[int, int], *circles: tuple[float, float, float]) -> np.ndarray:

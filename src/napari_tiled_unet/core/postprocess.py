@@ -156,13 +156,14 @@ def _notch_pieces(mask, deep: float, least: float) -> np.ndarray:
     """``mask`` (one object) cut between deep notches, again and again: piece ids 1.. on the
     mask, 0 elsewhere."""
     pieces = mask.astype(np.uint32)
-    uncut = [1]
-    while uncut and pieces.max() <= MAX_NOTCH_CUTS:
+    count, uncut = 1, [1]
+    while uncut and count <= MAX_NOTCH_CUTS:
         piece = uncut.pop()
         half = _notch_cut(pieces == piece, deep, least)
         if half is not None:
-            pieces[half] = pieces.max() + 1
-            uncut += [piece, int(pieces.max())]
+            count += 1
+            pieces[half] = count
+            uncut += [piece, count]
     return pieces
 
 
@@ -231,7 +232,7 @@ def _halves(mask, ends, least: float) -> np.ndarray | None:
 
 
 def _relabel_pieces(region, pieces, component: int, count: int) -> int:
-    """Write ``pieces`` (core ids on one component's pixels) into ``region`` as ids: the piece
+    """Write ``pieces`` (piece ids on one component's pixels) into ``region`` as ids: the piece
     at the component's first pixel keeps ``component``, the others take ``count + 1``, ...;
     returns the new count."""
     mask = pieces > 0

@@ -1,6 +1,7 @@
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -701,8 +702,8 @@ def test_train_takes_its_defaults_from_the_core_presets(
     class Captured(Exception):
         pass
 
-    def fake_train(samples, output, config, model_config, init, resume, should_stop):
-        seen.update(config=config, model_config=model_config)
+    def fake_train(samples, output, config, model_config, init, mode, resume, should_stop):
+        seen.update(config=config, model_config=model_config, mode=mode)
         raise Captured
 
     monkeypatch.setattr(train_module, "train", fake_train)
@@ -722,9 +723,39 @@ def test_train_takes_its_defaults_from_the_core_presets(
     ) == (preset.iterations, preset.lr, preset.lr_schedule, preset.validate_every, preset.anchor)
     if not fine_tuning:
         assert seen["model_config"].depth == SCRATCH_ARCHITECTURE.depth
+        assert seen["model_config"].base_channels == SCRATCH_ARCHITECTURE.base_channels
         assert seen["model_config"].norm == SCRATCH_ARCHITECTURE.norm == "batch"
+        assert seen["model_config"].output_mode == "paper"
+    else:
+        assert seen["model_config"] is None
+    assert seen["mode"] is None  # a fine-tuned model keeps its --init's outputs
     assert train_module.TrainConfig().lr == SCRATCH.lr
     assert train_module.TrainConfig.fine_tuning(seed=3).lr_schedule == FINE_TUNE.lr_schedule
+
+
+def test_train_rebuilds_the_outputs_of_its_init_model_for_another_mode(tmp_path, model_file):
+    images, labels = annotated_files(tmp_path, [0], 96)
+    output = tmp_path / "d.safetensors"
+    args = ["train", "--images", *images, "--labels", *labels, "-o", output, "--init", model_file]
+    args += ["--mode", "distance", "--iterations", "2", "--validate-every", "2", "--patch", "92"]
+    assert cli.main([str(a) for a in args] + ["--batch", "1", "--device", "cpu", "--quiet"]) == 0
+    start, tuned = load_model(model_file), load_model(output)
+    assert tuned.config == replace(start.config, n_classes=3, mode="distance")
+
+
+@pytest.mark.parametrize(
+    "option, value", [("--depth", "3"), ("--base-channels", "16"), ("--norm", "none")]
+)
+def test_train_refuses_architecture_options_with_init(tmp_path, model_file, option, value, capsys):
+    images, labels = annotated_files(tmp_path, [0], 96)
+    args = ["train", "--images", *images, "--labels", *labels, "-o", tmp_path / "m.safetensors"]
+    args += ["--init", model_file, option, value]
+    assert cli.main([str(a) for a in args]) == 2
+    assert (
+        f"{option}: the network comes from --init ({model_file}); expected no {option} with "
+        f"--init, got {value}"
+    ) in capsys.readouterr().err
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_train_warns_when_fine_tuning_kept_its_starting_model(
@@ -735,7 +766,7 @@ def test_train_warns_when_fine_tuning_kept_its_starting_model(
     start = {"ap50": 0.62, "iou": 0.7, "f1": 0.7, "iteration": 0}
     data = train_module.DataSummary(1, 5, 1, 5, held_out=False)
 
-    def kept_start(samples, output, config, model_config, init, resume, should_stop):
+    def kept_start(samples, output, config, model_config, init, mode, resume, should_stop):
         yield train_module.TrainEvent(500, 500, 0.1, start, start, 9.0, data=data, baseline=start)
 
     monkeypatch.setattr(train_module, "train", kept_start)

@@ -719,16 +719,22 @@ def _add_train_parser(commands):
         help=f"fine-tuning: weight of the pull toward the --init weights (L2-SP; default "
         f"{FINE_TUNE.anchor:g}, 0: none)",
     )
-    train.add_argument("--depth", type=int, default=SCRATCH_ARCHITECTURE.depth)
-    train.add_argument("--base-channels", type=int, default=SCRATCH_ARCHITECTURE.base_channels)
+    train.add_argument(
+        "--depth", type=int, help=f"from scratch (default {SCRATCH_ARCHITECTURE.depth})"
+    )
+    train.add_argument(
+        "--base-channels",
+        type=int,
+        help=f"from scratch (default {SCRATCH_ARCHITECTURE.base_channels})",
+    )
     train.add_argument(
         "--mode",
         choices=("paper", "boundary", "distance"),
-        default="paper",
         help="output: paper (background / foreground, touching objects split by a "
-        "gap), boundary (background / interior / boundary, split by "
+        "gap; the default from scratch), boundary (background / interior / boundary, split by "
         "watershed from the interiors) or distance (foreground and a distance map, split "
-        "by watershed from the distance peaks)",
+        "by watershed from the distance peaks). With --init: that model's mode by default; "
+        "another mode keeps its network and rebuilds its output layer",
     )
     train.add_argument(
         "--zoom",
@@ -742,8 +748,8 @@ def _add_train_parser(commands):
     train.add_argument(
         "--norm",
         choices=("none", "batch"),
-        default=SCRATCH_ARCHITECTURE.norm or "none",
-        help="normalisation layer after each convolution (default batch; none is the paper's)",
+        help="from scratch: normalisation layer after each convolution (default "
+        f"{SCRATCH_ARCHITECTURE.norm or 'none'}; none is the paper's)",
     )
     train.add_argument(
         "--weights",
@@ -798,6 +804,7 @@ def _train(args) -> int:
     )
     if args.resume and args.init:
         raise UsageError("--resume: continues the run writing --output; do not combine with --init")
+    _check_architecture_options(args)
     samples = _training_samples(args)
     # a resumed fine-tuning run goes on with the fine-tuning defaults it started with
     preset = preset_for(args.init is not None or (args.resume and resumes_fine_tuning(args.output)))
@@ -825,11 +832,11 @@ def _train(args) -> int:
         None
         if (args.init or args.resume)
         else UNetConfig(
-            depth=args.depth,
-            base_channels=args.base_channels,
-            norm=None if args.norm == "none" else args.norm,
+            depth=_given(args.depth, SCRATCH_ARCHITECTURE.depth),
+            base_channels=_given(args.base_channels, SCRATCH_ARCHITECTURE.base_channels),
+            norm=SCRATCH_ARCHITECTURE.norm if args.norm is None else _NORMS[args.norm],
             in_channels=_channels(samples[0]),
-            n_classes=n_classes_of(args.mode),
+            n_classes=n_classes_of(args.mode or "paper"),
             mode=None if args.mode != "distance" else "distance",
         )
     )
@@ -840,6 +847,7 @@ def _train(args) -> int:
         config=config,
         model_config=model_config,
         init=args.init,
+        mode=args.mode if args.init else None,
         resume=args.resume,
         should_stop=stop,
     )
@@ -865,6 +873,25 @@ def _train(args) -> int:
         f"(iteration {best.get('iteration', '-')}); model: {args.output}"
     )
     return 0
+
+
+_NORMS = {"none": None, "batch": "batch"}
+
+
+def _check_architecture_options(args) -> None:
+    """The network of a fine-tuning run is --init's; only its outputs (--mode) can change."""
+    if not args.init:
+        return
+    for option, value in (
+        ("--depth", args.depth),
+        ("--base-channels", args.base_channels),
+        ("--norm", args.norm),
+    ):
+        if value is not None:
+            raise UsageError(
+                f"{option}: the network comes from --init ({args.init}); expected no {option} "
+                f"with --init, got {value}"
+            )
 
 
 def _given(value, default):

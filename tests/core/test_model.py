@@ -1,7 +1,11 @@
+from dataclasses import replace
+
+import numpy as np
 import pytest
 import torch
 
 from napari_tiled_unet.core.model import UNet, UNetConfig
+from napari_tiled_unet.core.normalize import Normalization
 
 from ..conftest import make_model
 
@@ -57,3 +61,29 @@ def test_same_padding_keeps_any_size():
 def test_bad_config_is_rejected_with_the_field_name(field, value):
     with pytest.raises(ValueError, match=field):
         UNetConfig(**{field: value})
+
+
+def test_a_model_gets_another_output_mode_with_its_network_and_shared_outputs_kept():
+    from napari_tiled_unet.core.model import with_output_mode
+
+    paper = make_model(depth=2, base_channels=4, norm="batch", seed=3)
+    paper.normalization = Normalization("percentile", 1.0, 99.8)
+    paper.metadata = {"diameter": 20.0, "postprocess": {"threshold": 0.7, "min_size": 25}}
+    distance = with_output_mode(paper, "distance").eval()
+    assert distance.config == replace(paper.config, n_classes=3, mode="distance")
+    assert distance.normalization == paper.normalization
+    assert distance.metadata == {"diameter": 20.0}  # the threshold was for another decoder
+    x = torch.from_numpy(np.random.default_rng(0).random((1, 1, 92, 92), dtype=np.float32))
+    with torch.no_grad():
+        before, after = paper(x), distance(x)
+    assert torch.equal(after[:, :2], before)  # background / foreground: the same logits
+    assert torch.equal(after[:, 2], torch.zeros_like(after[:, 2]))  # a new output starts at 0
+    boundary = with_output_mode(distance, "boundary")
+    assert boundary.config == replace(paper.config, n_classes=3, mode=None)
+    assert boundary.config.output_mode == "boundary"
+    back = with_output_mode(boundary, "paper").eval()
+    with torch.no_grad():
+        assert torch.equal(back(x), before)
+    assert with_output_mode(paper, "paper") is paper
+    with pytest.raises(ValueError, match=r"mode: expected one of .*, got 'watershed'"):
+        with_output_mode(paper, "watershed")

@@ -198,7 +198,7 @@ def test_resume_continues_a_stopped_run_from_its_checkpoint(tmp_path):
 
 
 def test_validation_holds_out_whole_images_or_planes():
-    from napari_tiled_unet.core.train import _Session
+    from napari_tiled_unet.core.train import _Session, _Start
 
     stack = np.stack([touching_blobs(seed, size=64, pairs=1, singles=1)[0] for seed in range(4)])
     labels = np.stack([touching_blobs(seed, size=64, pairs=1, singles=1)[1] for seed in range(4)])
@@ -206,7 +206,7 @@ def test_validation_holds_out_whole_images_or_planes():
 
     def split(**changes):
         session = _Session.prepared(
-            samples, Path("m.safetensors"), quick(**changes), TINY, None, False, lambda: False
+            samples, Path("m.safetensors"), quick(**changes), _Start(TINY, None, None), False, bool
         )
         return ({p.source for p in session.train_planes}, {p.source for p in session.val_planes})
 
@@ -344,17 +344,16 @@ def test_sparse_ids_near_two_to_the_32_train_like_small_ones():
 def test_one_annotated_plane_is_split_along_y_to_hold_out_objects():
     """One image: the bottom part (about val_fraction of the object pixels) validates; too small
     an annotation validates on itself and says so."""
-    from napari_tiled_unet.core.train import _Session
+    from napari_tiled_unet.core.train import _Session, _Start
 
     image, labels = touching_blobs(0, size=128)
     session = _Session.prepared(
         [Sample(image, labels)],
         Path("m.safetensors"),
         quick(val_fraction=0.25),
-        TINY,
-        None,
+        _Start(TINY, None, None),
         False,
-        lambda: False,
+        bool,
     )
     (top,), (bottom,) = session.train_planes, session.val_planes
     assert top.ids.shape[0] + bottom.ids.shape[0] == 128 and top.ids.shape[1] == 128
@@ -379,10 +378,9 @@ def test_one_annotated_plane_is_split_along_y_to_hold_out_objects():
         [Sample(small, small_labels)],
         Path("m.safetensors"),
         quick(patch=44),
-        TINY,
-        None,
+        _Start(TINY, None, None),
         False,
-        lambda: False,
+        bool,
     )
     assert session.val_planes is session.train_planes and not session.data.held_out
     assert "validating on the same objects" in session.data.describe()
@@ -393,7 +391,7 @@ def test_objects_in_a_row_hold_out_one_object_and_its_surroundings():
     within 4 px of it validate, and training ignores exactly those pixels."""
     from scipy import ndimage
 
-    from napari_tiled_unet.core.train import _Session
+    from napari_tiled_unet.core.train import _Session, _Start
 
     yy, xx = np.mgrid[:96, :128]
     labels = np.zeros((96, 128), np.int32)
@@ -401,7 +399,12 @@ def test_objects_in_a_row_hold_out_one_object_and_its_surroundings():
         labels[np.hypot(yy - 48, xx - cx) < 9] = index
     image = (labels > 0).astype(np.float32) + np.random.default_rng(0).normal(0, 0.05, labels.shape)
     session = _Session.prepared(
-        [Sample(image, labels)], Path("m.safetensors"), quick(), TINY, None, False, lambda: False
+        [Sample(image, labels)],
+        Path("m.safetensors"),
+        quick(),
+        _Start(TINY, None, None),
+        False,
+        bool,
     )
     (fit,), (val,) = session.train_planes, session.val_planes
     (held,) = np.unique(val.truth[val.truth > 0])
@@ -423,7 +426,7 @@ def test_a_held_out_nucleus_merged_with_a_training_neighbour_scores_as_missed():
     from skimage.segmentation import expand_labels
 
     from napari_tiled_unet.core.metrics import match_objects
-    from napari_tiled_unet.core.train import _scored_objects, _Session
+    from napari_tiled_unet.core.train import _scored_objects, _Session, _Start
 
     yy, xx = np.mgrid[:96, :128]
     labels = np.zeros((96, 128), np.int32)
@@ -431,7 +434,12 @@ def test_a_held_out_nucleus_merged_with_a_training_neighbour_scores_as_missed():
         labels[np.hypot(yy - 48, xx - cx) < 9] = index
     image = (labels > 0).astype(np.float32)
     session = _Session.prepared(
-        [Sample(image, labels)], Path("m.safetensors"), quick(), TINY, None, False, lambda: False
+        [Sample(image, labels)],
+        Path("m.safetensors"),
+        quick(),
+        _Start(TINY, None, None),
+        False,
+        bool,
     )
     (val,) = session.val_planes
     (held,) = np.unique(val.truth[val.truth > 0])
@@ -614,7 +622,7 @@ def test_a_resumed_fine_tuning_run_stays_fine_tuning(tmp_path):
     pull toward the start's weights."""
     import torch
 
-    from napari_tiled_unet.core.train import _Session, resumes_fine_tuning
+    from napari_tiled_unet.core.train import _Session, _Start, resumes_fine_tuning
 
     samples = [Sample(*touching_blobs(seed)) for seed in range(2)]
     start = make_model(depth=2, base_channels=4, norm="batch", seed=5)
@@ -631,7 +639,7 @@ def test_a_resumed_fine_tuning_run_stays_fine_tuning(tmp_path):
         )
     )
     # the L2-SP pull goes on toward the --init weights, not the checkpoint's
-    session = _Session.prepared(samples, output, config, None, None, True, lambda: False)
+    session = _Session.prepared(samples, output, config, _Start(None, None, None), True, bool)
     starting = dict(start.named_parameters())
     assert session.start_weights.keys() == starting.keys()
     assert all(torch.equal(session.start_weights[k], w) for k, w in starting.items())
@@ -655,3 +663,43 @@ def test_a_resumed_fine_tuning_run_stays_fine_tuning(tmp_path):
         train(samples, output, config=config, resume=True)
     without = list(train(samples, output, config=replace(config, anchor=0.0), resume=True))
     assert [e.iteration for e in without] == [5, 6]
+
+
+def test_fine_tuning_into_another_output_mode_pulls_only_the_kept_network(tmp_path):
+    """A distance model started from a 2-class one: its new output layer learns freely, the
+    rest is pulled toward the start (L2-SP), and the start's 2-class threshold is not kept."""
+    import torch
+
+    from napari_tiled_unet.core.train import _Session, _Start
+
+    samples = [Sample(*touching_blobs(seed)) for seed in range(2)]
+    start = make_model(depth=2, base_channels=4, norm="batch", seed=5)
+    start.metadata = {"postprocess": {"threshold": 0.7, "min_size": 9}}
+    save_model(start, tmp_path / "start.safetensors")
+    config = quick(iterations=4, validate_every=4, anchor=5.0)
+    begin = _Start(None, tmp_path / "start.safetensors", "distance")
+    session = _Session.prepared(samples, tmp_path / "d.safetensors", config, begin, False, bool)
+    assert session.model.config.output_mode == "distance" and begin.new_head
+    starting = {k: v for k, v in start.named_parameters() if not k.startswith("head.")}
+    assert session.start_weights.keys() == starting.keys()
+    events = list(
+        train(
+            samples,
+            tmp_path / "d.safetensors",
+            config=config,
+            init=tmp_path / "start.safetensors",
+            mode="distance",
+        )
+    )
+    assert [e.iteration for e in events] == [1, 2, 3, 4]
+    tuned = load_model(tmp_path / "d.safetensors")
+    assert tuned.config.output_mode == "distance" and tuned.config.n_classes == 3
+    assert "postprocess" not in tuned.metadata
+    last = torch.load(tmp_path / "d.checkpoint.pt", weights_only=True)["model"]
+    assert float(last["head.weight"][2].abs().sum()) > 0  # the distance output learns
+    same = _Start(None, tmp_path / "start.safetensors", "paper")
+    assert same.model().config == start.config and not same.new_head
+    with pytest.raises(ValueError, match=r"mode: changes the outputs of a model fine-tuned from"):
+        train(
+            samples, tmp_path / "x.safetensors", config=config, model_config=TINY, mode="distance"
+        )

@@ -8,16 +8,16 @@ tiler never hard-codes numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import NORMS, PADDINGS, Geometry, UNetConfig
+from .config import MODE_CHANNELS, NORMS, PADDINGS, Geometry, UNetConfig
 from .normalize import Normalization
 
-__all__ = ["NORMS", "PADDINGS", "UNet", "UNetConfig"]
+__all__ = ["NORMS", "PADDINGS", "UNet", "UNetConfig", "with_output_mode"]
 
 
 @dataclass
@@ -133,3 +133,44 @@ def _center_crop(x: torch.Tensor, size) -> torch.Tensor:
     dy = (x.shape[-2] - size[0]) // 2
     dx = (x.shape[-1] - size[1]) // 2
     return x[..., dy : dy + size[0], dx : dx + size[1]]
+
+
+def with_output_mode(model: UNet, mode: str) -> UNet:
+    """``model`` with its output layer rebuilt for another output ``mode`` (:mod:`.targets`),
+    to be fine-tuned: a distance or boundary model can start from a trained 2-class one.
+
+    Every weight but the output layer's is copied. The first two outputs, background and
+    foreground in every mode (interior in the boundary mode), keep theirs; the others start at
+    zero. The parent's ``postprocess`` recommendation is dropped: it was tuned for another
+    decoder.
+
+    Parameters
+    ----------
+    model : UNet
+    mode : {"paper", "boundary", "distance"}
+
+    Returns
+    -------
+    UNet
+        A new model (``model`` itself when it already has that mode).
+    """
+    if mode not in MODE_CHANNELS:
+        raise ValueError(f"mode: expected one of {sorted(MODE_CHANNELS)}, got {mode!r}")
+    if model.config.output_mode == mode:
+        return model
+    # files keep mode None for the modes that n_classes names, readable by older versions
+    config = replace(
+        model.config, n_classes=MODE_CHANNELS[mode], mode="distance" if mode == "distance" else None
+    )
+    new = UNet(config)
+    weights = model.state_dict()
+    kept = new.state_dict()
+    for name, tensor in weights.items():
+        if name.startswith("head."):
+            kept[name].zero_()[:2] = tensor[:2]
+        else:
+            kept[name] = tensor
+    new.load_state_dict(kept)
+    new.normalization = model.normalization
+    new.metadata = {k: v for k, v in model.metadata.items() if k != "postprocess"}
+    return new

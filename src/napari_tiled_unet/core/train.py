@@ -22,7 +22,7 @@ import numpy as np
 
 from .augment import Augmentation
 from .metrics import diameter_range, median_diameter
-from .model import UNet, UNetConfig
+from .model import UNet, UNetConfig, with_output_mode
 from .normalize import Normalization
 from .presets import FINE_TUNE, SCRATCH
 from .targets import engine_output
@@ -190,6 +190,7 @@ def train(
     config: TrainConfig = TrainConfig(),
     model_config: UNetConfig | None = None,
     init=None,
+    mode: str | None = None,
     resume: bool = False,
     should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[TrainEvent]:
@@ -208,6 +209,10 @@ def train(
         Architecture for training from scratch (default: depth 3, 16 base channels).
     init : str or Path, optional
         Model file to fine-tune from (its architecture and normalisation are kept).
+    mode : {"paper", "boundary", "distance"}, optional
+        Output mode of the model fine-tuned from ``init`` (:mod:`.targets`); None keeps
+        ``init``'s. Another mode keeps ``init``'s network and rebuilds its output layer
+        (:func:`~.model.with_output_mode`).
     resume : bool
         Continue an earlier run into the same ``output`` from its checkpoint
         (:func:`checkpoint_path`): weights, optimizer state, iteration and best validation.
@@ -219,8 +224,18 @@ def train(
     -------
     generator of TrainEvent
     """
+    if mode is not None and (init is None or resume):
+        raise ValueError(
+            f"mode: changes the outputs of a model fine-tuned from init; got {mode!r} with "
+            + ("resume (a resumed run keeps its model)" if resume else "no init")
+        )
     session = _Session.prepared(
-        samples, Path(output), config, model_config, init, resume, should_stop or (lambda: False)
+        samples,
+        Path(output),
+        config,
+        _Start(model_config, init, mode),
+        resume,
+        should_stop or (lambda: False),
     )
     return session.run()
 
@@ -280,15 +295,15 @@ class _Session:
         return list(diameter_range([p.truth for p in self.train_planes], zoom))
 
     @classmethod
-    def prepared(cls, samples, output, config, model_config, init, resume, should_stop):
+    def prepared(cls, samples, output, config, start: _Start, resume, should_stop):
         import torch
 
         _check_config(config)
         resumed = _read_checkpoint(output) if resume else None
         _check_resumable_pull(resumed, config, output)
         torch.manual_seed(config.seed)  # the initial weights are part of a seeded run
-        model = _initial_model(model_config, init) if resumed is None else resumed["model"]
-        if init is not None or (resumed is not None and "normalization" in resumed):
+        model = start.model() if resumed is None else resumed["model"]
+        if start.init is not None or (resumed is not None and "normalization" in resumed):
             # the weights were trained on inputs scaled this way
             config = replace(config, normalization=model.normalization)
         _check_patch(model, config.patch)
@@ -301,11 +316,13 @@ class _Session:
             )
         train_planes, val_planes = _split(_group(planes), config)
         held_out = val_planes is not train_planes
-        fine_tuning = init is not None if resumed is None else bool(resumed.get("fine_tuning"))
+        fine_tuning = (
+            start.init is not None if resumed is None else bool(resumed.get("fine_tuning"))
+        )
         if resumed is not None:
             start_weights = resumed.get("start_weights")
         elif fine_tuning:
-            start_weights = {k: v.detach().clone() for k, v in model.named_parameters()}
+            start_weights = start.anchored(model)
         else:
             start_weights = None
         return cls(
@@ -428,6 +445,7 @@ class _Session:
         return self.config.anchor * sum(
             ((weight - self.start_weights[name]) ** 2).sum()
             for name, weight in model.named_parameters()
+            if name in self.start_weights
         )
 
     def _train_mode(self, model) -> None:
@@ -589,12 +607,34 @@ def _check_resumable_pull(resumed: dict | None, config: TrainConfig, output: Pat
         )
 
 
-def _initial_model(model_config, init) -> UNet:
-    if init is not None:
+@dataclass
+class _Start:
+    """What a run starts from: a new network of ``model_config``, or the model file ``init``
+    (with its output layer rebuilt for ``mode`` when that differs)."""
+
+    model_config: UNetConfig | None
+    init: Any
+    mode: str | None
+    new_head: bool = False  # set by model(): the output layer was rebuilt
+
+    def model(self) -> UNet:
+        if self.init is None:
+            return UNet(self.model_config or UNetConfig(depth=3, base_channels=16))
         from .modelfile import load_model
 
-        return load_model(init)  # raises FileNotFoundError / ValueError naming "model"
-    return UNet(model_config or UNetConfig(depth=3, base_channels=16))
+        model = load_model(self.init)  # raises FileNotFoundError / ValueError naming "model"
+        if self.mode is None or self.mode == model.config.output_mode:
+            return model
+        self.new_head = True
+        return with_output_mode(model, self.mode)
+
+    def anchored(self, model: UNet) -> dict:
+        """The weights of ``model`` (as it starts) that fine-tuning pulls toward: all, but
+        for an output layer rebuilt for another mode, whose new outputs have nothing to keep."""
+        parameters = dict(model.named_parameters())
+        if self.new_head:
+            parameters = {k: v for k, v in parameters.items() if not k.startswith("head.")}
+        return {k: v.detach().clone() for k, v in parameters.items()}
 
 
 def _check_config(config: TrainConfig):

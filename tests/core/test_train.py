@@ -20,6 +20,15 @@ TINY = UNetConfig(depth=2, base_channels=8)
 SAME_SCALE = Augmentation(zoom=(1.0, 1.0))
 
 
+def scratch_session(samples, config):
+    """A run from scratch (TINY), prepared but not started."""
+    from napari_tiled_unet.core.train import _Session, _Start
+
+    return _Session.prepared(
+        samples, Path("m.safetensors"), config, _Start(TINY, None, None), False, bool
+    )
+
+
 def quick(**changes):
     settings = {
         "iterations": 600,
@@ -198,16 +207,13 @@ def test_resume_continues_a_stopped_run_from_its_checkpoint(tmp_path):
 
 
 def test_validation_holds_out_whole_images_or_planes():
-    from napari_tiled_unet.core.train import _Session, _Start
 
     stack = np.stack([touching_blobs(seed, size=64, pairs=1, singles=1)[0] for seed in range(4)])
     labels = np.stack([touching_blobs(seed, size=64, pairs=1, singles=1)[1] for seed in range(4)])
     samples = [Sample(stack, labels), Sample(stack[:2], labels[:2])]
 
     def split(**changes):
-        session = _Session.prepared(
-            samples, Path("m.safetensors"), quick(**changes), _Start(TINY, None, None), False, bool
-        )
+        session = scratch_session(samples, quick(**changes))
         return ({p.source for p in session.train_planes}, {p.source for p in session.val_planes})
 
     train_set, val_set = split(val_fraction=0.4, val_split="image")
@@ -344,17 +350,9 @@ def test_sparse_ids_near_two_to_the_32_train_like_small_ones():
 def test_one_annotated_plane_is_split_along_y_to_hold_out_objects():
     """One image: the bottom part (about val_fraction of the object pixels) validates; too small
     an annotation validates on itself and says so."""
-    from napari_tiled_unet.core.train import _Session, _Start
 
     image, labels = touching_blobs(0, size=128)
-    session = _Session.prepared(
-        [Sample(image, labels)],
-        Path("m.safetensors"),
-        quick(val_fraction=0.25),
-        _Start(TINY, None, None),
-        False,
-        bool,
-    )
+    session = scratch_session([Sample(image, labels)], quick(val_fraction=0.25))
     (top,), (bottom,) = session.train_planes, session.val_planes
     assert top.ids.shape[0] + bottom.ids.shape[0] == 128 and top.ids.shape[1] == 128
     np.testing.assert_array_equal(
@@ -374,14 +372,7 @@ def test_one_annotated_plane_is_split_along_y_to_hold_out_objects():
     )
 
     small, small_labels = touching_blobs(0, size=48, pairs=1, singles=0)
-    session = _Session.prepared(
-        [Sample(small, small_labels)],
-        Path("m.safetensors"),
-        quick(patch=44),
-        _Start(TINY, None, None),
-        False,
-        bool,
-    )
+    session = scratch_session([Sample(small, small_labels)], quick(patch=44))
     assert session.val_planes is session.train_planes and not session.data.held_out
     assert "validating on the same objects" in session.data.describe()
 
@@ -391,21 +382,12 @@ def test_objects_in_a_row_hold_out_one_object_and_its_surroundings():
     within 4 px of it validate, and training ignores exactly those pixels."""
     from scipy import ndimage
 
-    from napari_tiled_unet.core.train import _Session, _Start
-
     yy, xx = np.mgrid[:96, :128]
     labels = np.zeros((96, 128), np.int32)
     for index, cx in enumerate(range(14, 128, 25), start=1):
         labels[np.hypot(yy - 48, xx - cx) < 9] = index
     image = (labels > 0).astype(np.float32) + np.random.default_rng(0).normal(0, 0.05, labels.shape)
-    session = _Session.prepared(
-        [Sample(image, labels)],
-        Path("m.safetensors"),
-        quick(),
-        _Start(TINY, None, None),
-        False,
-        bool,
-    )
+    session = scratch_session([Sample(image, labels)], quick())
     (fit,), (val,) = session.train_planes, session.val_planes
     (held,) = np.unique(val.truth[val.truth > 0])
     np.testing.assert_array_equal(val.truth, np.where(labels == held, held, 0))
@@ -426,21 +408,14 @@ def test_a_held_out_nucleus_merged_with_a_training_neighbour_scores_as_missed():
     from skimage.segmentation import expand_labels
 
     from napari_tiled_unet.core.metrics import match_objects
-    from napari_tiled_unet.core.train import _scored_objects, _Session, _Start
+    from napari_tiled_unet.core.train import _scored_objects
 
     yy, xx = np.mgrid[:96, :128]
     labels = np.zeros((96, 128), np.int32)
     for index, cx in enumerate(range(14, 128, 25), start=1):
         labels[np.hypot(yy - 48, xx - cx) < 9] = index
     image = (labels > 0).astype(np.float32)
-    session = _Session.prepared(
-        [Sample(image, labels)],
-        Path("m.safetensors"),
-        quick(),
-        _Start(TINY, None, None),
-        False,
-        bool,
-    )
+    session = scratch_session([Sample(image, labels)], quick())
     (val,) = session.val_planes
     (held,) = np.unique(val.truth[val.truth > 0])
     neighbour = held + 1 if held < 5 else held - 1

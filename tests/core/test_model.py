@@ -77,10 +77,16 @@ def test_a_model_gets_another_output_mode_with_its_network_and_shared_outputs_ke
     with torch.no_grad():
         before, after = paper(x), distance(x)
     assert torch.equal(after[:, :2], before)  # background / foreground: the same logits
-    assert torch.equal(after[:, 2], torch.zeros_like(after[:, 2]))  # a new output starts at 0
-    boundary = with_output_mode(distance, "boundary")
+    # the distance map starts as the foreground probability
+    torch.testing.assert_close(
+        torch.sigmoid(after[:, 2]), torch.softmax(before, 1)[:, 1], rtol=0, atol=1e-5
+    )
+    boundary = with_output_mode(distance, "boundary").eval()
     assert boundary.config == replace(paper.config, n_classes=3, mode=None)
     assert boundary.config.output_mode == "boundary"
+    with torch.no_grad():
+        rim = boundary(x)
+    assert torch.equal(rim[:, :2], before) and not rim[:, 2].any()  # a boundary starts at 0
     back = with_output_mode(boundary, "paper").eval()
     with torch.no_grad():
         assert torch.equal(back(x), before)

@@ -834,7 +834,7 @@ def _train(args) -> int:
         else UNetConfig(
             depth=_given(args.depth, SCRATCH_ARCHITECTURE.depth),
             base_channels=_given(args.base_channels, SCRATCH_ARCHITECTURE.base_channels),
-            norm=SCRATCH_ARCHITECTURE.norm if args.norm is None else _NORMS[args.norm],
+            norm={None: SCRATCH_ARCHITECTURE.norm, "none": None, "batch": "batch"}[args.norm],
             in_channels=_channels(samples[0]),
             n_classes=n_classes_of(args.mode or "paper"),
             mode=None if args.mode != "distance" else "distance",
@@ -873,9 +873,6 @@ def _train(args) -> int:
         f"(iteration {best.get('iteration', '-')}); model: {args.output}"
     )
     return 0
-
-
-_NORMS = {"none": None, "batch": "batch"}
 
 
 def _check_architecture_options(args) -> None:

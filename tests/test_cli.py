@@ -733,7 +733,9 @@ def test_train_takes_its_defaults_from_the_core_presets(
     assert train_module.TrainConfig.fine_tuning(seed=3).lr_schedule == FINE_TUNE.lr_schedule
 
 
-def test_train_rebuilds_the_outputs_of_its_init_model_for_another_mode(tmp_path, model_file):
+def test_train_rebuilds_the_outputs_of_its_init_model_for_another_mode(
+    tmp_path, model_file, capsys
+):
     images, labels = annotated_files(tmp_path, [0], 96)
     output = tmp_path / "d.safetensors"
     args = ["train", "--images", *images, "--labels", *labels, "-o", output, "--init", model_file]
@@ -741,6 +743,12 @@ def test_train_rebuilds_the_outputs_of_its_init_model_for_another_mode(tmp_path,
     assert cli.main([str(a) for a in args] + ["--batch", "1", "--device", "cpu", "--quiet"]) == 0
     start, tuned = load_model(model_file), load_model(output)
     assert tuned.config == replace(start.config, n_classes=3, mode="distance")
+    # two iterations leave the new output at about 0: no seeds, so the start is kept and named
+    assert (
+        f"warning: fine-tuning did not beat its start ({model_file} with new distance outputs; "
+        f"they find nothing until trained: more --iterations or a higher --lr) on the validation "
+        f"data (AP@0.5 0.000"
+    ) in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -758,8 +766,9 @@ def test_train_refuses_architecture_options_with_init(tmp_path, model_file, opti
     assert not (tmp_path / "m.safetensors").exists()
 
 
+@pytest.mark.parametrize("how", ["--init", "--mode paper", "--resume"])
 def test_train_warns_when_fine_tuning_kept_its_starting_model(
-    tmp_path, model_file, monkeypatch, capsys
+    tmp_path, model_file, monkeypatch, capsys, how
 ):
     from napari_tiled_unet.core import train as train_module
 
@@ -772,12 +781,18 @@ def test_train_warns_when_fine_tuning_kept_its_starting_model(
     monkeypatch.setattr(train_module, "train", kept_start)
     images, labels = annotated_files(tmp_path, [0], 96)
     output = tmp_path / "m.safetensors"
-    args = ["train", "--images", *images, "--labels", *labels, "-o", output, "--init", model_file]
+    args = ["train", "--images", *images, "--labels", *labels, "-o", output]
+    args += {
+        "--init": ["--init", model_file],
+        "--mode paper": ["--init", model_file, "--mode", "paper"],  # the model's own mode
+        "--resume": ["--resume"],  # a resumed run is named by what it is, not by --init
+    }[how]
     assert cli.main([str(a) for a in args] + ["--quiet"]) == 0
     said = capsys.readouterr().err
     assert "validating on the same objects (nothing could be held out)" in said
+    start_name = "its starting model" if how == "--resume" else model_file
     assert (
-        f"warning: fine-tuning did not beat {model_file} on the validation data (AP@0.5 0.620, "
+        f"warning: fine-tuning did not beat {start_name} on the validation data (AP@0.5 0.620, "
         f"pixel IoU 0.700; it takes a higher AP@0.5, or pixel IoU up by 0.013 (0.03 / sqrt of "
         f"its 5 validation objects), and lower on neither); {output} holds that starting model"
     ) in said

@@ -861,8 +861,8 @@ def _train(args) -> int:
     best = last.best or {}
     if last.kept_start:
         print(
-            f"tiled-unet train: warning: fine-tuning did not beat {args.init} on the validation "
-            f"data (AP@0.5 {best['ap50']:.3f}, pixel IoU {best['iou']:.3f}; it takes "
+            f"tiled-unet train: warning: fine-tuning did not beat {_start_name(args)} on the "
+            f"validation data (AP@0.5 {best['ap50']:.3f}, pixel IoU {best['iou']:.3f}; it takes "
             f"{last.beats_start}); {args.output} holds that starting model",
             file=sys.stderr,
         )
@@ -873,6 +873,20 @@ def _train(args) -> int:
         f"(iteration {best.get('iteration', '-')}); model: {args.output}"
     )
     return 0
+
+
+def _start_name(args) -> str:
+    """What a fine-tuning run started from, as its warning names it."""
+    from .core.model import UNetConfig
+    from .core.modelfile import read_header
+
+    if args.mode is None or args.resume:
+        return str(args.init or "its starting model")
+    if UNetConfig.from_dict(read_header(args.init)["config"]).output_mode == args.mode:
+        return str(args.init)
+    # a new distance output starts at zero: no seeds until it is trained
+    hint = "; they find nothing until trained: more --iterations or a higher --lr"
+    return f"its start ({args.init} with new {args.mode} outputs{hint * (args.mode == 'distance')})"
 
 
 def _check_architecture_options(args) -> None:

@@ -629,8 +629,8 @@ class _Start:
         return with_output_mode(model, self.mode)
 
     def anchored(self, model: UNet) -> dict:
-        """The weights of ``model`` (as it starts) that fine-tuning pulls toward: all, but
-        for an output layer rebuilt for another mode, whose new outputs have nothing to keep."""
+        """The weights of ``model`` (as it starts) that fine-tuning pulls toward: all but the
+        output layer's when it was rebuilt for another mode, so its new outputs learn freely."""
         parameters = dict(model.named_parameters())
         if self.new_head:
             parameters = {k: v for k, v in parameters.items() if not k.startswith("head.")}

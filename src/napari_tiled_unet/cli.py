@@ -877,12 +877,11 @@ def _train(args) -> int:
 
 def _start_name(args) -> str:
     """What a fine-tuning run started from, as its warning names it."""
-    from .core.model import UNetConfig
-    from .core.modelfile import read_header
+    from .core.train import rebuilds_outputs
 
-    if args.mode is None or args.resume:
-        return str(args.init or "its starting model")
-    if UNetConfig.from_dict(read_header(args.init)["config"]).output_mode == args.mode:
+    if args.resume:
+        return "its starting model"
+    if not rebuilds_outputs(args.init, args.mode):
         return str(args.init)
     # a new distance output starts at zero: no seeds until it is trained
     hint = "; they find nothing until trained: more --iterations or a higher --lr"

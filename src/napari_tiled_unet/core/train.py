@@ -552,6 +552,16 @@ class _Session:
             tmp.unlink(missing_ok=True)
 
 
+def rebuilds_outputs(init, mode: str | None) -> bool:
+    """Whether fine-tuning the model file ``init`` into ``mode`` rebuilds its output layer
+    (:func:`~.model.with_output_mode`); reads the file's header only."""
+    from .modelfile import read_header
+
+    if init is None or mode is None:
+        return False
+    return UNetConfig.from_dict(read_header(init)["config"]).output_mode != mode
+
+
 def resumes_fine_tuning(output) -> bool:
     """Whether the checkpoint beside ``output`` is of a fine-tuning run (False when there is
     none: :func:`train` then reports that)."""
@@ -615,7 +625,10 @@ class _Start:
     model_config: UNetConfig | None
     init: Any
     mode: str | None
-    new_head: bool = False  # set by model(): the output layer was rebuilt
+
+    @cached_property
+    def new_head(self) -> bool:
+        return rebuilds_outputs(self.init, self.mode)
 
     def model(self) -> UNet:
         if self.init is None:
@@ -623,10 +636,9 @@ class _Start:
         from .modelfile import load_model
 
         model = load_model(self.init)  # raises FileNotFoundError / ValueError naming "model"
-        if self.mode is None or self.mode == model.config.output_mode:
-            return model
-        self.new_head = True
-        return with_output_mode(model, self.mode)
+        return (
+            model if self.mode is None or not self.new_head else with_output_mode(model, self.mode)
+        )
 
     def anchored(self, model: UNet) -> dict:
         """The weights of ``model`` (as it starts) that fine-tuning pulls toward: all but the

@@ -64,6 +64,7 @@ def main():
     parser.add_argument("--threshold", type=float, help="default: the model's recommendation")
     parser.add_argument("--min-size", type=int, help="default: the model's recommendation")
     parser.add_argument("--split", type=int, help="default: the model's recommendation")
+    parser.add_argument("--min-peak", type=float, help="default: the model's recommendation")
     parser.add_argument("--scale", type=float, default=1.0, help="upscale images and labels first")
     parser.add_argument(
         "--noise", type=float, default=0.0, help="pixel noise, fraction of the image's range"
@@ -79,12 +80,14 @@ def main():
     )
     model = load_model(args.model)
     paths = held_out_images(model, args.data)
-    options = postprocess_options(model.metadata, args.threshold, args.min_size, args.split)
-    threshold, min_size, split = options
+    options = postprocess_options(
+        model.metadata, args.threshold, args.min_size, args.split, args.min_peak
+    )
     print(
         f"model {args.model} ({model.metadata.get('trained_iterations')} iterations); "
-        f"{len(paths)} held-out images from {args.data}; threshold {threshold}, min size {min_size} px, "
-        f"split {split} px; scale {args.scale}, noise {args.noise}, diameter {args.diameter}"
+        f"{len(paths)} held-out images from {args.data}; threshold {options.threshold}, min size "
+        f"{options.min_size} px, split {options.split} px, min peak {options.min_peak}; scale "
+        f"{args.scale}, noise {args.noise}, diameter {args.diameter}"
     )
     print(
         f"{'image':<14} {'shape':>11} {'true':>5} {'found':>6} {'AP@0.5':>7} {'IoU':>6}"
@@ -102,24 +105,9 @@ def main():
         start = time.perf_counter()
         worked_at = (None, 1.0)
         if diameter is None:
-            predicted = decode_plane(
-                predict_array(model, image, output=engine_output(model.config)),
-                threshold,
-                min_size,
-                model.config.output_mode,
-                split,
-            )
+            predicted = decoded(model, image, options)
         else:
-            events = list(
-                segment(
-                    model,
-                    image,
-                    threshold=threshold,
-                    min_size=min_size,
-                    split=split,
-                    diameter=diameter,
-                )
-            )
+            events = list(segment(model, image, **options._asdict(), diameter=diameter))
             (plane,) = [p for e in events for p in e.planes]
             predicted = plane.labels
             worked_at = (events[-1].diameter, events[-1].factor)
@@ -164,18 +152,26 @@ def with_pixel_noise(image: np.ndarray, level: float, seed: int) -> np.ndarray:
     return (image + noise).astype(np.float32)
 
 
+def decoded(model, image: np.ndarray, options) -> np.ndarray:
+    """Instance labels of ``image`` (Y, X) at its own scale, with ``options``
+    (:class:`PostprocessOptions`)."""
+    maps = predict_array(model, image, output=engine_output(model.config))
+    return decode_plane(
+        maps,
+        options.threshold,
+        options.min_size,
+        model.config.output_mode,
+        options.split,
+        options.min_peak,
+    )
+
+
 def time_1024(model, image: np.ndarray, options) -> float:
     """Best of 3: seconds to segment ``image`` (1024 x 1024) with ``options``."""
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()
-        decode_plane(
-            predict_array(model, image, output=engine_output(model.config)),
-            options[0],
-            options[1],
-            model.config.output_mode,
-            options[2],
-        )
+        decoded(model, image, options)
         best = min(best, time.perf_counter() - start)
     return best
 

@@ -41,9 +41,9 @@ from napari_tiled_unet.models import DEFAULT_MODEL  # noqa: E402
 
 
 def labels_of(model, image: np.ndarray) -> np.ndarray:
-    threshold, min_size, split = postprocess_options(model.metadata)
+    threshold, min_size, split, min_peak = postprocess_options(model.metadata)
     maps = predict_array(model, image, output=engine_output(model.config))
-    return decode_plane(maps, threshold, min_size, model.config.output_mode, split)
+    return decode_plane(maps, threshold, min_size, model.config.output_mode, split, min_peak)
 
 
 def painted_region(truth: np.ndarray, count: int) -> np.ndarray:

@@ -187,13 +187,13 @@ def reading_only(model, data):
 
 
 def labelling_only(model, data, planes=4):
-    from napari_tiled_unet.core.postprocess import label_plane, postprocess_options
+    from napari_tiled_unet.core.postprocess import decode_plane, postprocess_options
 
-    options = postprocess_options(model.metadata)
+    threshold, min_size, split, min_peak = postprocess_options(model.metadata)
     probability = np.asarray(data[0], np.float32) / 255.0
     start = time.perf_counter()
     for _ in range(planes):
-        label_plane(probability, *options)
+        decode_plane(probability, threshold, min_size, "paper", split, min_peak)
     return (time.perf_counter() - start) / planes
 
 

@@ -1,4 +1,4 @@
-"""Choose the bundled model's threshold and minimum object size on its *training* images.
+"""Choose the bundled model's post-processing options on its *training* images.
 
 Runs ``tiled-unet tune`` on every 8th training image of dsb2018_fluo (sorted by name, skipping the
 model's held-out validation images, which stay untouched for bench_default_model.py), and

@@ -27,8 +27,10 @@ def load_samples() -> list[tuple[np.ndarray, np.ndarray]]:
     folder = resources.files(__package__ or "napari_tiled_unet.sample_data")
     pairs = []
     for stem in SAMPLES:
-        with resources.as_file(folder / f"{stem}_image.tif") as image, \
-                resources.as_file(folder / f"{stem}_labels.tif") as labels:
+        with (
+            resources.as_file(folder / f"{stem}_image.tif") as image,
+            resources.as_file(folder / f"{stem}_labels.tif") as labels,
+        ):
             pairs.append((tifffile.imread(image), tifffile.imread(labels)))
     return pairs
 
@@ -46,8 +48,10 @@ def mosaic_plane(samples, size: int, rng) -> tuple[np.ndarray, np.ndarray]:
             tile_image, tile_labels = (_oriented(a, turns, flip) for a in (tile_image, tile_labels))
             h, w = min(tile_image.shape[0], size - y), min(tile_image.shape[1], size - x)
             offset = labels.max()
-            image[y:y + h, x:x + w] = tile_image[:h, :w]
-            labels[y:y + h, x:x + w] = np.where(tile_labels[:h, :w] > 0, tile_labels[:h, :w] + offset, 0)
+            image[y : y + h, x : x + w] = tile_image[:h, :w]
+            labels[y : y + h, x : x + w] = np.where(
+                tile_labels[:h, :w] > 0, tile_labels[:h, :w] + offset, 0
+            )
             x, row_height = x + w, max(row_height, h)
         y += row_height
     return image, labels
@@ -64,12 +68,14 @@ def write_stack(path: Path, planes: int, size: int, seed: int = 0) -> tuple[Path
     labels_path = path.with_name(path.stem + "_labels.tif")
 
     def stream(index):
-        rng = np.random.default_rng(seed)   # the same planes for the image and its labels
+        rng = np.random.default_rng(seed)  # the same planes for the image and its labels
         for _ in range(planes):
             yield mosaic_plane(samples, size, rng)[index]
 
     for target, dtype, index in ((path, np.uint8, 0), (labels_path, np.uint32, 1)):
-        write_tiff_stream(target, (planes, size, size), dtype, "ZYX", stream(index), compress=index == 1)
+        write_tiff_stream(
+            target, (planes, size, size), dtype, "ZYX", stream(index), compress=index == 1
+        )
     return path, labels_path
 
 
@@ -81,12 +87,16 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.planes < 1 or args.size < 1:
-        parser.error(f"--planes and --size: expected positive integers, got {args.planes}, {args.size}")
+        parser.error(
+            f"--planes and --size: expected positive integers, got {args.planes}, {args.size}"
+        )
     if args.output.exists():
         parser.error(f"output: {args.output} exists")
     image, labels = write_stack(args.output, args.planes, args.size, args.seed)
     gigabytes = args.planes * args.size * args.size / 1e9
-    print(f"wrote {image} ({args.planes} x {args.size} x {args.size}, uint8, {gigabytes:.2f} GB) and {labels}")
+    print(
+        f"wrote {image} ({args.planes} x {args.size} x {args.size}, uint8, {gigabytes:.2f} GB) and {labels}"
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ import re
 import subprocess
 import sys
 from dataclasses import replace
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -218,14 +219,12 @@ def test_train_writes_a_model_that_segment_uses(tmp_path, capsys):
 
 
 def test_segment_takes_post_processing_from_the_model_unless_given(tmp_path, stack_file):
-    from napari_tiled_unet.core.postprocess import label_plane
+    from napari_tiled_unet.core.postprocess import decode_plane, label_plane
 
     model = make_model(depth=2, base_channels=3)
-    path = save_model(
-        model,
-        tmp_path / "m.safetensors",
-        metadata={"postprocess": {"threshold": 0.52, "min_size": 4, "split": 1}},
-    )
+    # this untrained network's objects at 0.9 peak at 0.94-1.0: the floor drops about half
+    options = {"threshold": 0.9, "min_size": 4, "split": 1, "min_peak": 0.9999}
+    path = save_model(model, tmp_path / "m.safetensors", metadata={"postprocess": options})
     assert (
         segment(
             stack_file,
@@ -240,7 +239,11 @@ def test_segment_takes_post_processing_from_the_model_unless_given(tmp_path, sta
     )
     probability, labels = tifffile.imread(tmp_path / "p.tif"), tifffile.imread(tmp_path / "l.tif")
     for plane in range(3):
-        np.testing.assert_array_equal(labels[plane], label_plane(probability[plane], 0.52, 4, 1))
+        expected = decode_plane(probability[plane], 0.9, 4, "paper", 1, 0.9999)
+        np.testing.assert_array_equal(labels[plane], expected)
+    # the floor counts: it drops objects that pass the threshold but never reach it
+    floorless = sum(int(label_plane(p, 0.9, 4, 1).max()) for p in probability)
+    assert 0 < labels.max(axis=(1, 2)).sum() < floorless
     assert (
         segment(
             stack_file,
@@ -255,6 +258,8 @@ def test_segment_takes_post_processing_from_the_model_unless_given(tmp_path, sta
             0,
             "--split",
             0,
+            "--min-peak",
+            0,
         )
         == 0
     )
@@ -262,10 +267,24 @@ def test_segment_takes_post_processing_from_the_model_unless_given(tmp_path, sta
     np.testing.assert_array_equal(labels[1], label_plane(probability[1], 0.3, 0))
 
 
+def test_a_bad_floor_is_refused_before_any_work(tmp_path, stack_file, capsys):
+    path = save_model(make_model(depth=2, base_channels=3), tmp_path / "m.safetensors")
+    out = tmp_path / "l.tif"
+    assert segment(stack_file, "-o", out, "--model", path, "--min-peak", 1.5) == 2
+    assert "min_peak: expected a number in [0, 1], got 1.5" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_tune_stores_the_best_threshold_and_size_in_the_model(tmp_path, rng):
     from napari_tiled_unet.core.metrics import match_objects
     from napari_tiled_unet.core.modelfile import load_model
-    from napari_tiled_unet.core.postprocess import MIN_SIZES, SPLITS, THRESHOLDS, label_plane
+    from napari_tiled_unet.core.postprocess import (
+        MIN_PEAKS,
+        MIN_SIZES,
+        SPLITS,
+        THRESHOLDS,
+        decode_plane,
+    )
     from napari_tiled_unet.core.predict import predict_array
 
     path = save_model(
@@ -284,20 +303,17 @@ def test_tune_stores_the_best_threshold_and_size_in_the_model(tmp_path, rng):
     probabilities = [predict_array(model, tifffile.imread(p)) for p in images]
     truths = [tifffile.imread(p) for p in labels]
     grid = {
-        (t, s, n): np.mean(
+        options: np.mean(
             [
-                match_objects(label_plane(p, t, s, n), g, 0.5).ap
+                match_objects(decode_plane(p, *options[:2], "paper", *options[2:]), g, 0.5).ap
                 for p, g in zip(probabilities, truths)
             ]
         )
-        for t in THRESHOLDS
-        for s in MIN_SIZES
-        for n in SPLITS
+        for options in product(THRESHOLDS, MIN_SIZES, SPLITS, MIN_PEAKS)
     }
     assert chosen["ap50"] == pytest.approx(max(grid.values()), abs=1e-12)
-    assert grid[(chosen["threshold"], chosen["min_size"], chosen["split"])] == pytest.approx(
-        chosen["ap50"], abs=1e-12
-    )
+    best = (chosen["threshold"], chosen["min_size"], chosen["split"], chosen["min_peak"])
+    assert grid[best] == pytest.approx(chosen["ap50"], abs=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -764,6 +780,33 @@ def test_train_refuses_architecture_options_with_init(tmp_path, model_file, opti
         f"--init, got {value}"
     ) in capsys.readouterr().err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_train_resumes_with_its_own_architecture_and_refuses_another(tmp_path, capsys):
+    images, labels = annotated_files(tmp_path, [0], 96)
+    output = tmp_path / "m.safetensors"
+    args = ["train", "--images", *images, "--labels", *labels, "-o", output, "--depth", "2"]
+    args += ["--base-channels", "4", "--norm", "none", "--mode", "boundary", "--iterations", "2"]
+    run = [*args, "--validate-every", "2", "--patch", "92", "--batch", "1", "--device", "cpu"]
+    assert cli.main([str(a) for a in run] + ["--quiet"]) == 0
+    written = output.read_bytes()
+    for option, value, held in (
+        ("--depth", "3", "2"),
+        ("--base-channels", "16", "4"),
+        ("--norm", "batch", "none"),
+        ("--mode", "paper", "boundary"),
+    ):
+        again = [*run, "--resume", "--iterations", "4"]
+        again[again.index(option) + 1] = value
+        assert cli.main([str(a) for a in again]) == 2
+        assert (
+            f"{option}: the run being resumed ({output}) has {held}; expected {held} or no "
+            f"{option} with --resume, got {value}"
+        ) in capsys.readouterr().err
+        assert output.read_bytes() == written
+    # the same command again, --resume added, goes on
+    assert cli.main([str(a) for a in [*run, "--resume", "--iterations", "4"]] + ["--quiet"]) == 0
+    assert load_model(output).metadata["trained_iterations"] == 4
 
 
 @pytest.mark.parametrize("how", ["--init", "--mode paper", "--resume"])

@@ -9,7 +9,7 @@ import tifffile
 from napari_tiled_unet import cli
 from napari_tiled_unet.core.metrics import match_objects
 from napari_tiled_unet.core.modelfile import load_model
-from napari_tiled_unet.core.postprocess import label_plane, postprocess_options
+from napari_tiled_unet.core.postprocess import decode_plane, postprocess_options
 from napari_tiled_unet.core.predict import predict_array
 from napari_tiled_unet.models import DEFAULT_MODEL
 
@@ -29,7 +29,9 @@ def sample(stem):
 
 
 def segmented(model, image):
-    return label_plane(predict_array(model, image), *postprocess_options(model.metadata))
+    threshold, min_size, split, min_peak = postprocess_options(model.metadata)
+    maps = predict_array(model, image)
+    return decode_plane(maps, threshold, min_size, "paper", split, min_peak)
 
 
 def test_bundled_model_is_small_valid_padding_and_documented(model):
@@ -37,8 +39,8 @@ def test_bundled_model_is_small_valid_padding_and_documented(model):
     assert model.config.padding == "valid" and model.config.in_channels == 1
     assert model.metadata["loss"]["weights"] == "paper"
     assert len(model.metadata["validation_samples"]) == 49
-    threshold, min_size, split = postprocess_options(model.metadata)
-    assert 0 < threshold < 1 and min_size >= 0 and split >= 0
+    threshold, min_size, split, min_peak = postprocess_options(model.metadata)
+    assert 0 < threshold < 1 and min_size >= 0 and split >= 0 and 0 <= min_peak < 1
     assert (DEFAULT_MODEL.parent / "MODEL_CARD.md").is_file()
 
 

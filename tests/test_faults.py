@@ -253,24 +253,33 @@ def test_huge_planes_refuse_what_needs_whole_planes(
     assert not (tmp_path / "out.tif").exists()
 
 
-def test_huge_planes_say_that_the_models_neck_split_needs_whole_planes(
+def test_huge_planes_say_that_the_models_neck_split_and_floor_need_whole_planes(
     tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(cli, "HUGE_PLANE_PIXELS", 100)
     stack = tmp_path / "small.tif"
     tifffile.imwrite(stack, np.random.default_rng(1).integers(0, 255, (2, 64, 64), np.uint8))
+    options = {"threshold": 0.5, "min_size": 0, "split": 2, "min_peak": 0.9}
     model = save_model(
         make_model(depth=2, base_channels=2),
         tmp_path / "split.safetensors",
-        metadata={"postprocess": {"threshold": 0.5, "min_size": 0, "split": 2}},
+        metadata={"postprocess": options},
     )
     args = ["segment", str(stack), "-o", str(tmp_path / "out.tif"), "--model", str(model)]
-    assert cli.main([*args, "--quiet", "--split", "2"]) == 2
-    assert "--split: not available for planes over" in capsys.readouterr().err
-    assert not (tmp_path / "out.tif").exists()
+    for given in (["--split", "2"], ["--min-peak", "0.9"]):
+        assert cli.main([*args, "--quiet", *given]) == 2
+        assert f"{given[0]}: not available for planes over" in capsys.readouterr().err
+        assert not (tmp_path / "out.tif").exists()
     assert cli.main([*args, "--quiet"]) == 0
     said = capsys.readouterr()
-    assert "objects are connected components: the model's neck splitting (--split 2)" in said.err
+    assert (
+        "objects are connected components: the model's neck splitting (--split 2) and object "
+        "floor (--min-peak 0.9) need whole planes" in said.err
+    )
     assert "segmented in blocks" in said.out and (tmp_path / "out.tif").is_file()
     assert cli.main([*args, "--quiet", "--split", "0", "--overwrite"]) == 0
-    assert "neck splitting" not in capsys.readouterr().err
+    said = capsys.readouterr().err
+    assert "the model's object floor (--min-peak 0.9) needs whole planes" in said
+    assert "neck splitting" not in said
+    assert cli.main([*args, "--quiet", "--split", "0", "--min-peak", "0", "--overwrite"]) == 0
+    assert "whole planes" not in capsys.readouterr().err

@@ -127,6 +127,14 @@ def _parser() -> argparse.ArgumentParser:
         "the model's recommendation, else 0: no cuts)",
     )
     segment.add_argument(
+        "--min-peak",
+        type=float,
+        metavar="P",
+        help="keep only objects whose foreground probability reaches P somewhere, 0-1: drops "
+        "faint debris and haze that pass the threshold (default: the model's recommendation, "
+        "else 0: keep every object)",
+    )
+    segment.add_argument(
         "--channel-axis",
         type=_channel_axis_arg,
         help="channel axis when the file's metadata has none, or none (every axis but Y, X "
@@ -194,7 +202,8 @@ def _segment(args) -> int:
     if args.probabilities is True:
         raise UsageError("--probabilities: expected a TIFF path for a TIFF output")
     jobs = _segment_jobs(args)
-    postprocess_options(None, args.threshold, args.min_size, args.split)  # checked first
+    # checked first
+    postprocess_options(None, args.threshold, args.min_size, args.split, args.min_peak)
     in_channels = int(read_header(_model_path(args.model))["config"].get("in_channels", 1))
     fitted = [
         _fitted(read_tiff(job.input, name="input", series=job.series), job, in_channels)
@@ -262,11 +271,20 @@ def _block_job(args, source: Path, store: Path, model, block: int):
     from .core.postprocess import postprocess_options
     from .core.predict import positive_or_auto
 
-    recommended_split = postprocess_options(model.metadata)[2]
-    if recommended_split and args.split is None:
+    recommended = postprocess_options(model.metadata)
+    unused = [
+        f"{what} ({option} {value})"
+        for what, option, value, given in (
+            ("neck splitting", "--split", recommended.split, args.split),
+            ("object floor", "--min-peak", recommended.min_peak, args.min_peak),
+        )
+        if value and given is None
+    ]
+    if unused:
         print(
             f"tiled-unet segment: block by block, objects are connected components: the "
-            f"model's neck splitting (--split {recommended_split}) needs whole planes",
+            f"model's {' and '.join(unused)} {'needs' if len(unused) == 1 else 'need'} whole "
+            f"planes",
             file=sys.stderr,
         )
     return distributed.plan_job(
@@ -351,6 +369,7 @@ def _whole_plane_option(args) -> str | None:
     given = {
         "--diameter": args.diameter is not None,
         "--split": bool(args.split),
+        "--min-peak": bool(args.min_peak),
         "--link-z": args.link_z is not None,
         "--measure": args.measure,
     }
@@ -518,6 +537,7 @@ def _segment_file(args, image, outputs, model) -> int:
         threshold=args.threshold,
         min_size=args.min_size,
         split=args.split,
+        min_peak=args.min_peak,
         tile=positive_or_auto("--tile", args.tile),
         batch=positive_or_auto("--batch", args.batch),
         device=args.device,
@@ -889,18 +909,42 @@ def _start_name(args) -> str:
 
 
 def _check_architecture_options(args) -> None:
-    """The network of a fine-tuning run is --init's; only its outputs (--mode) can change."""
-    if not args.init:
-        return
-    for option, value in (
+    """The network of a fine-tuning run is --init's (only its outputs, --mode, can change); a
+    resumed run's is its checkpoint's, outputs included: options that say otherwise are
+    refused, not ignored."""
+    given = [
         ("--depth", args.depth),
         ("--base-channels", args.base_channels),
         ("--norm", args.norm),
-    ):
-        if value is not None:
+    ]
+    if args.init:
+        for option, value in given:
+            if value is not None:
+                raise UsageError(
+                    f"{option}: the network comes from --init ({args.init}); expected no "
+                    f"{option} with --init, got {value}"
+                )
+    elif args.resume:
+        _check_resumed_architecture(args, [*given, ("--mode", args.mode)])
+
+
+def _check_resumed_architecture(args, given) -> None:
+    from .core.train import checkpoint_config
+
+    config = checkpoint_config(args.output)
+    if config is None:  # nothing to resume: train() says so
+        return
+    held = {
+        "--depth": config.depth,
+        "--base-channels": config.base_channels,
+        "--norm": config.norm or "none",
+        "--mode": config.output_mode,
+    }
+    for option, value in given:
+        if value is not None and value != held[option]:
             raise UsageError(
-                f"{option}: the network comes from --init ({args.init}); expected no {option} "
-                f"with --init, got {value}"
+                f"{option}: the run being resumed ({args.output}) has {held[option]}; expected "
+                f"{held[option]} or no {option} with --resume, got {value}"
             )
 
 
@@ -1015,8 +1059,8 @@ def _tune(args) -> int:
     save_model(model, args.model, metadata={**model.metadata, "postprocess": chosen})
     print(
         f"{args.model}: threshold {chosen['threshold']}, min size {chosen['min_size']} px, "
-        f"split {chosen['split']} px (mean AP@0.5 {chosen['ap50']:.3f} on {chosen['planes']} "
-        f"planes)"
+        f"split {chosen['split']} px, min peak {chosen['min_peak']} (mean AP@0.5 "
+        f"{chosen['ap50']:.3f} on {chosen['planes']} planes)"
     )
     return 0
 

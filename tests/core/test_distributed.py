@@ -228,6 +228,7 @@ def test_the_command_line_runs_on_a_local_cluster_and_resumes(case, tmp_path, ca
         (["--probabilities", "p.tif"], "--probabilities: with a .zarr output"),
         (["--diameter", "20"], "--diameter: not available with a .zarr output"),
         (["--split", "2"], "--split: not available with a .zarr output"),
+        (["--min-peak", "0.9"], "--min-peak: not available with a .zarr output"),
     ],
 )
 def test_bad_cluster_input_is_refused_before_any_work(case, tmp_path, capsys, extra, message):

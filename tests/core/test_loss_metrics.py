@@ -90,6 +90,27 @@ def test_matching_many_objects_uses_sparse_overlaps():
     assert match_objects(predicted, truth, 0.7).tp == 120  # only the edge column: 80 / 100
 
 
+def test_matching_subsets_equals_matching_the_labels_without_the_dropped_objects(rng):
+    from napari_tiled_unet.core.metrics import match_subsets
+
+    truth = np.zeros((40, 40), np.uint16)
+    truth[2:6, 2:10] = 1  # cut exactly in half by predictions 1 and 2: IoU 0.5 each
+    truth[20:30, 20:30] = 2
+    predicted = np.zeros_like(truth)
+    predicted[2:6, 2:6], predicted[2:6, 6:10] = 1, 2
+    predicted[21:30, 20:30] = 4  # id 3 unused: ids need not be consecutive
+    predicted[35:38, 35:38] = 5
+    subsets = [None, *(rng.random(6) < 0.5 for _ in range(20)), np.array([0, 0, 1, 1, 1, 1], bool)]
+    for keep, scores in zip(subsets, match_subsets(predicted, truth, subsets)):
+        kept = predicted if keep is None else np.where(keep[predicted], predicted, 0)
+        assert scores == match_objects(kept, truth, 0.5)
+    # the first half goes to the first prediction; without it, the second takes the truth
+    (everything,) = match_subsets(predicted, truth, [None])
+    assert (everything.tp, everything.fp, everything.fn) == (2, 2, 0)
+    (second,) = match_subsets(predicted, truth, [np.array([0, 0, 1, 0, 1, 0], bool)])
+    assert (second.tp, second.fp, second.fn) == (2, 0, 0)
+
+
 def test_the_size_range_is_taken_over_plane_medians_and_zooms():
     def squares(side, count):
         labels = np.zeros((200, 200), np.int32)

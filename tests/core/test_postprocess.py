@@ -38,6 +38,9 @@ def test_dtype_is_chosen_by_count(count, dtype):
         ({"min_size": -1}, "min_size"),
         ({"split": 1.5}, "split: expected a non-negative integer"),
         ({"split": -1}, "split: expected a non-negative integer"),
+        ({"min_peak": 1.5}, r"min_peak: expected a number in \[0, 1\], got 1.5"),
+        ({"min_peak": -0.1}, r"min_peak: expected a number in \[0, 1\], got -0.1"),
+        ({"min_peak": True}, "min_peak: expected a number"),
     ],
 )
 def test_bad_options(options, match):
@@ -48,13 +51,15 @@ def test_bad_options(options, match):
 def test_options_come_from_the_caller_then_the_model_then_the_defaults():
     from napari_tiled_unet.core.postprocess import postprocess_options
 
-    recommended = {"postprocess": {"threshold": 0.7, "min_size": 25, "split": 2}}
-    assert postprocess_options(recommended) == (0.7, 25, 2)
-    assert postprocess_options(recommended, 0.4, None) == (0.4, 25, 2)
-    assert postprocess_options(recommended, None, 0, 0) == (0.7, 0, 0)
-    assert postprocess_options({"postprocess": {"threshold": 0.7}}) == (0.7, 0, 0)
-    assert postprocess_options({}) == (0.5, 0, 0)
-    assert postprocess_options(None, None, 3, 1) == (0.5, 3, 1)
+    recommended = {"postprocess": {"threshold": 0.7, "min_size": 25, "split": 2, "min_peak": 0.9}}
+    assert postprocess_options(recommended) == (0.7, 25, 2, 0.9)
+    assert postprocess_options(recommended).min_peak == 0.9
+    assert postprocess_options(recommended, 0.4, None) == (0.4, 25, 2, 0.9)
+    assert postprocess_options(recommended, None, 0, 0, 0.0) == (0.7, 0, 0, 0.0)
+    # models tuned before the floor existed keep every object
+    assert postprocess_options({"postprocess": {"threshold": 0.7}}) == (0.7, 0, 0, 0.0)
+    assert postprocess_options({}) == (0.5, 0, 0, 0.0)
+    assert postprocess_options(None, None, 3, 1, 0.95) == (0.5, 3, 1, 0.95)
     with pytest.raises(ValueError, match="threshold: expected a number in"):
         postprocess_options(recommended, 1.5)
 
@@ -181,7 +186,14 @@ def test_tuning_chooses_a_split_where_necks_join_objects():
     )
     chosen = choose_postprocess([probability], [truth], thresholds=(0.5,), min_sizes=(0,))
     # eroding a 3 px neck once leaves a 1 px bridge; twice cuts it
-    assert chosen == {"threshold": 0.5, "min_size": 0, "split": 2, "ap50": 1.0, "planes": 1}
+    assert chosen == {
+        "threshold": 0.5,
+        "min_size": 0,
+        "split": 2,
+        "min_peak": 0.0,
+        "ap50": 1.0,
+        "planes": 1,
+    }
     unsplit = choose_postprocess([probability], [truth], (0.5,), (0,), splits=(0,))
     # merged, the pair matches one true half (IoU exactly 0.5) and misses the other
     assert unsplit["split"] == 0 and unsplit["ap50"] == 0.5
@@ -199,7 +211,66 @@ def test_tuning_scores_each_size_as_the_split_sees_it():
     assert decode_plane(probability, 0.5, 0, "paper", 2).max() == 8 + 4 * 8
     chosen = choose_postprocess([probability], [truth], (0.5,), (0, 10), splits=(0, 2))
     # without them (min_size 10) it is: the split's median counts only the objects kept
-    assert chosen == {"threshold": 0.5, "min_size": 10, "split": 2, "ap50": 1.0, "planes": 1}
+    assert chosen == {
+        "threshold": 0.5,
+        "min_size": 10,
+        "split": 2,
+        "min_peak": 0.0,
+        "ap50": 1.0,
+        "planes": 1,
+    }
+
+
+def faint_and_bright() -> np.ndarray:
+    """Four discs in raster order: peaks 0.7 (faint), 0.9, 0.8 (faint), 0.9, over 0.1."""
+    probability = discs((30, 130), *[(15, 15 + 30 * i, 8) for i in range(4)])
+    probability[:, :30] = np.minimum(probability[:, :30], 0.7)
+    probability[:, 60:90] = np.minimum(probability[:, 60:90], 0.8)
+    return probability
+
+
+@pytest.mark.parametrize("min_peak, kept", [(0.0, 4), (0.7, 4), (0.75, 3), (0.8, 3), (0.85, 2)])
+def test_a_floor_drops_the_objects_that_never_reach_it(min_peak, kept):
+    from napari_tiled_unet.core.postprocess import decode_plane
+
+    probability = faint_and_bright()
+    labels = decode_plane(probability, 0.5, 0, "paper", 0, min_peak)
+    assert labels.max() == kept
+    assert np.unique(labels).tolist() == list(range(kept + 1))  # renumbered 1..N in order
+    everything = decode_plane(probability, 0.5, 0, "paper", 0)
+    survivors = np.unique(everything[labels > 0])
+    # whole objects are kept or dropped, pixel for pixel
+    np.testing.assert_array_equal(labels > 0, np.isin(everything, survivors))
+    assert all(probability[everything == i].max() >= min_peak for i in survivors)
+
+
+def test_the_floor_reads_the_foreground_of_three_class_outputs():
+    from napari_tiled_unet.core.postprocess import decode_plane
+
+    foreground = faint_and_bright()
+    interior = np.where(foreground > 0.5, 0.9, 0.0).astype(np.float32)
+    classes = np.stack([1 - foreground, interior, foreground - interior.clip(max=foreground)])
+    distance = np.stack([1 - foreground, foreground, interior])
+    for maps, mode in ((classes, "boundary"), (distance, "distance")):
+        assert decode_plane(maps, 0.5, 0, mode).max() == 4
+        kept = decode_plane(maps, 0.5, 0, mode, 0, 0.85)
+        np.testing.assert_array_equal(kept, decode_plane(foreground, 0.5, 0, "paper", 0, 0.85))
+
+
+def test_tuning_chooses_the_floor_that_drops_false_faint_objects():
+    from napari_tiled_unet.core.postprocess import choose_postprocess, decode_plane
+
+    probability = faint_and_bright()
+    truth = decode_plane(probability, 0.5, 0, "paper", 0, 0.85)  # the faint two are not nuclei
+    chosen = choose_postprocess([probability], [truth], (0.5,), (0,), splits=(0,))
+    # 0.8 still keeps the 0.8 disc; the next floor in the grid (0.9) drops both faint ones
+    assert (chosen["min_peak"], chosen["ap50"]) == (0.9, 1.0)
+    everyone = choose_postprocess([probability], [decode_plane(probability)], (0.5,), (0,))
+    assert (everyone["min_peak"], everyone["ap50"]) == (0.0, 1.0)  # ties go to no floor
+    floors = choose_postprocess(
+        [probability], [truth], (0.5,), (0,), splits=(0,), min_peaks=(0.0, 0.75)
+    )
+    assert (floors["min_peak"], floors["ap50"]) == (0.75, 2 / 3)  # 2 TP, 1 FP, 0 FN
 
 
 def test_z_linking_gives_one_id_per_object_through_the_stack():

@@ -69,6 +69,7 @@ def test_a_three_class_model_is_decoded_by_watershed_from_interiors(rng):
     [
         ({"threshold": 1.5}, "threshold: expected a number in"),
         ({"min_size": -2}, "min_size: expected a non-negative integer"),
+        ({"min_peak": 2.0}, r"min_peak: expected a number in \[0, 1\], got 2.0"),
         ({"workers": 0}, "workers: expected a positive integer"),
         ({"channel_axis": 5}, "channel_axis: expected an axis index"),
         ({"tile": -1}, "tile: expected"),

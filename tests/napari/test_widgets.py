@@ -663,7 +663,7 @@ def test_a_new_threshold_relabels_from_the_kept_maps_without_the_network(
     assert viewer.layers["blobs labels"] is layer and len(viewer.layers) == 2
 
 
-def test_the_neck_split_comes_from_the_model_and_relabels_without_the_network(
+def test_the_neck_split_and_floor_come_from_the_model_and_relabel_without_the_network(
     viewer, qtbot, tmp_path, monkeypatch, errors
 ):
     from dataclasses import replace
@@ -673,7 +673,7 @@ def test_the_neck_split_comes_from_the_model_and_relabels_without_the_network(
 
     from ..synthetic import two_discs_and_a_neck
 
-    recommended = {"threshold": 0.5, "min_size": 0, "split": 2}
+    recommended = {"threshold": 0.5, "min_size": 0, "split": 2, "min_peak": 0.875}
     path = save_model(
         make_model(depth=2, base_channels=4, seed=3),
         tmp_path / "split.safetensors",
@@ -682,14 +682,17 @@ def test_the_neck_split_comes_from_the_model_and_relabels_without_the_network(
     given = []
     real_segment = segment_core.segment
     monkeypatch.setattr(
-        segment_core, "segment", lambda *a, **k: given.append(k["split"]) or real_segment(*a, **k)
+        segment_core,
+        "segment",
+        lambda *a, **k: given.append((k["split"], k["min_peak"])) or real_segment(*a, **k),
     )
     necks = two_discs_and_a_neck(width=3)
     viewer.add_image(necks, name="necks")
     widget = segment_widget(viewer, path)
     assert widget._split.value == 2 and widget._split.enabled
+    assert widget._min_peak.value == 0.875
     run_and_wait(qtbot, widget)
-    assert given == [2] and not errors
+    assert given == [(2, 0.875)] and not errors
     # the kept maps replaced by a known probability: what a relabel makes of them is exact
     widget._cache = replace(widget._cache, maps={(): necks})
     layer = viewer.layers["necks labels"]
@@ -698,7 +701,10 @@ def test_the_neck_split_comes_from_the_model_and_relabels_without_the_network(
         qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
         np.testing.assert_array_equal(layer.data, label_plane(necks, 0.5, 0, split))
         assert layer.data.max() == objects
-    assert given == [2] and not errors
+    widget._min_peak.value = 0.925  # over the discs' 0.9: no object reaches it
+    qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
+    assert widget._min_peak.value == 0.925 and layer.data.max() == 0
+    assert given == [(2, 0.875)] and not errors
     three_class = save_model(make_model(n_classes=3), tmp_path / "boundary.safetensors")
     widget.select_model(three_class)  # splits objects from its own seeds
     assert widget._split.value == 0 and not widget._split.enabled

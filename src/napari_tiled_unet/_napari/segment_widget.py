@@ -55,6 +55,7 @@ class SegmentJob:
     threshold: float
     min_size: int
     split: int  # neck-splitting depth (px), 0: no cuts; see core.postprocess.label_plane
+    min_peak: float  # object confidence floor, 0: keep all; see core.postprocess.decode_plane
     probabilities: bool
     placement: Placement
     plane: tuple | None = None  # leading index when only the current plane is segmented
@@ -136,6 +137,16 @@ class SegmentWidget(Container):
             "overlapping pair; 0: no cuts. 2-class models only; starts at the model's "
             "recommendation",
         )
+        self._min_peak = FloatSpinBox(
+            label="min object peak",
+            value=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.005,  # three decimals: a tuned floor such as 0.925 is shown as it is
+            tooltip="keep only objects whose probability reaches this somewhere (0-1): drops "
+            "faint debris and haze that pass the threshold; 0: keep every object. Starts at "
+            "the model's recommendation",
+        )
         self._link_z = FloatSpinBox(
             label="link Z (IoU)",
             value=0.0,
@@ -185,6 +196,7 @@ class SegmentWidget(Container):
                 self._threshold,
                 self._min_size,
                 self._split,
+                self._min_peak,
                 self._link_z,
                 self._measure,
                 self._table_file,
@@ -208,6 +220,7 @@ class SegmentWidget(Container):
         self._threshold.changed.connect(self.relabel)
         self._min_size.changed.connect(self.relabel)
         self._split.changed.connect(self.relabel)
+        self._min_peak.changed.connect(self.relabel)
         on_new_model = self._on_new_session_model
         SESSION_MODELS.changed.connect(on_new_model)
         # The registry outlives viewers: a closed widget must not be called back.
@@ -249,7 +262,7 @@ class SegmentWidget(Container):
         )
 
     def relabel(self, *_) -> None:
-        """Relabel the last result with the form's threshold, minimum size and neck split from
+        """Relabel the last result with the form's post-processing options from
         the kept network maps: no forward pass. Does nothing without a result of the selected
         image."""
         cache = self._cache
@@ -264,6 +277,7 @@ class SegmentWidget(Container):
             threshold=float(self._threshold.value),
             min_size=int(self._min_size.value),
             split=int(self._split.value),
+            min_peak=float(self._min_peak.value),
             stop=threading.Event(),
         )
         self._run_worker(job, _relabel(job, cache))
@@ -287,7 +301,7 @@ class SegmentWidget(Container):
 
     def _on_model_changed(self, *_) -> None:
         """Show the file picker for "load from file", and take the model's recommended
-        threshold, minimum object size and neck split."""
+        post-processing options (threshold, minimum object size, neck split, object floor)."""
         from ..core.config import UNetConfig
         from ..core.modelfile import read_header
 
@@ -305,6 +319,7 @@ class SegmentWidget(Container):
         self._threshold.value = recommended.get("threshold", 0.5)
         self._min_size.value = recommended.get("min_size", 0)
         self._split.value = recommended.get("split", 0)
+        self._min_peak.value = recommended.get("min_peak", 0.0)
         # 3-class models split objects from their own seeds
         self._split.enabled = UNetConfig.from_dict(header["config"]).output_mode == "paper"
 
@@ -368,6 +383,7 @@ class SegmentWidget(Container):
             threshold=float(self._threshold.value),
             min_size=int(self._min_size.value),
             split=int(self._split.value),
+            min_peak=float(self._min_peak.value),
             probabilities=bool(self._probabilities.value),
             placement=Placement.of(layer, axis),
             plane=plane,
@@ -399,6 +415,7 @@ class SegmentWidget(Container):
             "threshold": float(self._threshold.value),
             "min_size": int(self._min_size.value),
             "split": int(self._split.value),
+            "min_peak": float(self._min_peak.value),
         }
         return FolderJob(
             name=Path(self._in_folder.value).name,
@@ -654,6 +671,7 @@ def _segment(job: SegmentJob, keep: dict):
             threshold=job.threshold,
             min_size=job.min_size,
             split=job.split,
+            min_peak=job.min_peak,
             should_stop=job.stop.is_set,
             **job.options,
         )
@@ -730,6 +748,7 @@ def _relabel(job: SegmentJob, cache: RelabelCache):
                 cache.factor,
                 cache.mode,
                 job.split,
+                job.min_peak,
             )
             collector.add(index, lead, labels, probability, int(labels.max()))
             yield RelabelProgress(index + 1, len(cache.leads))

@@ -189,9 +189,7 @@ def segment_file(
     events = segment(
         model, image.data, channel_axis=channel_axis, should_stop=should_stop, **options
     )
-    _, min_size, _ = postprocess_options(
-        model.metadata, options.get("threshold"), options.get("min_size")
-    )
+    min_size = postprocess_options(model.metadata, min_size=options.get("min_size")).min_size
     planes = int(np.prod(shape[:-2], dtype=np.int64)) if linker else 1
     # Labels compress many times over, which matters when their dtype must be wide.
     targets: list[tuple] = [

@@ -197,8 +197,11 @@ def plan_job(
             f"model: the cluster path labels 2-class (foreground) models; this one "
             f"has {model.config.n_classes} outputs ({model.config.output_mode} mode)"
         )
-    # blocks are labelled as connected components: a neck split needs whole objects
-    threshold, min_size, _ = postprocess_options(model.metadata, threshold, min_size, split=0)
+    # blocks are labelled as connected components: a neck split, and a floor on an object's
+    # highest probability, need whole objects
+    threshold, min_size, _, _ = postprocess_options(
+        model.metadata, threshold, min_size, split=0, min_peak=0.0
+    )
     image = open_image(input_path, series=series)
     grey_axis = None
     if channel_axis == "auto":

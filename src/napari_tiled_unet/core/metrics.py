@@ -44,20 +44,53 @@ def match_objects(predicted: np.ndarray, truth: np.ndarray, threshold: float = 0
     For ``threshold >= 0.5`` a match is unique by construction (two objects cannot both overlap
     one object by more than half); below that, pairs are taken greedily by decreasing IoU.
     """
+    (scores,) = match_subsets(predicted, truth, [None], threshold)
+    return scores
+
+
+def match_subsets(
+    predicted: np.ndarray, truth: np.ndarray, subsets, threshold: float = 0.5
+) -> list[ObjectScores]:
+    """:func:`match_objects` of ``predicted`` restricted to each of ``subsets``, with the
+    overlaps counted once (the costly part): scoring post-processing that only drops objects.
+
+    Parameters
+    ----------
+    predicted, truth : numpy.ndarray, shape (Y, X)
+        Instance labels.
+    subsets : sequence of (numpy.ndarray of bool, shape (predicted.max() + 1,)) or None
+        Which predicted ids are kept (indexed by id); None: all of them.
+    threshold : float
+
+    Returns
+    -------
+    list of ObjectScores, one per subset
+    """
     predicted, truth = np.asarray(predicted), np.asarray(truth)
     if predicted.shape != truth.shape:
         raise ValueError(f"predicted: expected shape {truth.shape}, got {predicted.shape}")
-    pairs, iou, n_pred, n_true = _overlapping_pairs(predicted, truth)
-    keep = iou >= threshold
-    pairs, iou = pairs[keep], iou[keep]
-    order = np.argsort(-iou, kind="stable")
+    pairs, iou, ids, n_true = _overlapping_pairs(predicted, truth)
+    matchable = iou >= threshold
+    pairs, iou = pairs[matchable], iou[matchable]
+    pairs = pairs[np.argsort(-iou, kind="stable")]
+    results = []
+    for keep in subsets:
+        kept = np.ones(ids.size, bool) if keep is None else np.asarray(keep)[ids]
+        kept[0] = False  # background
+        tp = _greedy_matches(pairs[kept[pairs[:, 0]]])
+        results.append(ObjectScores(tp, int(kept.sum()) - tp, n_true - tp))
+    return results
+
+
+def _greedy_matches(pairs: np.ndarray) -> int:
+    """One-to-one matches taken in the order of ``pairs`` (predicted, true): their count."""
     used_p, used_t, tp = set(), set(), 0
-    for p, t in pairs[order]:
+    for p, t in pairs.tolist():
         if p not in used_p and t not in used_t:
             used_p.add(p)
             used_t.add(t)
             tp += 1
-    return ObjectScores(tp, n_pred - tp, n_true - tp)
+    return tp
 
 
 def _overlapping_pairs(predicted, truth):
@@ -70,7 +103,9 @@ def _overlapping_pairs(predicted, truth):
     -------
     pairs : numpy.ndarray of int64, shape (K, 2)
     iou : numpy.ndarray of float64, shape (K,)
-    n_pred, n_true : int
+    ids : numpy.ndarray, shape (n_pred + 1,)
+        The predicted id of each compacted id (0: background).
+    n_true : int
     """
     p_ids, p = np.unique(predicted, return_inverse=True)
     t_ids, t = np.unique(truth, return_inverse=True)
@@ -82,7 +117,8 @@ def _overlapping_pairs(predicted, truth):
     area_p = np.bincount(p, minlength=n_p + 1)
     area_t = np.bincount(t, minlength=n_t + 1)
     union = area_p[pairs[:, 0]] + area_t[pairs[:, 1]] - overlap
-    return pairs, overlap / union, int(n_p), int(n_t)
+    ids = p_ids if p_ids[0] == 0 else np.concatenate([[0], p_ids])
+    return pairs, overlap / union, ids, int(n_t)
 
 
 def touching_pairs(labels: np.ndarray) -> set[tuple[int, int]]:

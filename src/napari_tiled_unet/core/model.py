@@ -32,8 +32,8 @@ class ModelRecord:
         sets it).
     metadata : dict
         JSON-serialisable facts: ``diameter`` (typical object diameter of the training data,
-        px), ``postprocess`` (recommended threshold and minimum size), training iterations,
-        validation scores.
+        px), ``postprocess`` (recommended :class:`~.postprocess.PostprocessOptions`), training
+        iterations, validation scores.
     """
 
     normalization: Normalization = field(default_factory=lambda: Normalization("none"))

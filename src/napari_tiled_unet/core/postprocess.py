@@ -1,6 +1,6 @@
 """Network outputs -> instance labels, plane by plane.
 
-Two decoders, one per output mode (:mod:`.targets`):
+Three decoders, one per output mode (:mod:`.targets`):
 
 - "paper" (2 classes): foreground probability above a threshold, 8-connected components;
   optionally split (``split``) at narrow necks and between pairs of deep notches: the network
@@ -9,12 +9,18 @@ Two decoders, one per output mode (:mod:`.targets`):
 - "boundary" (3 classes): interiors above a threshold are the seeds; scikit-image's watershed
   grows them over the foreground (interior + boundary probability above 0.5), so touching
   objects that share a boundary band become separate objects.
+- "distance": distance-map peaks seed a watershed over the foreground.
+
+Every decoder can then drop faint objects (``min_peak``): those whose foreground probability
+stays under a floor everywhere. The network marks a real nucleus with near-certain pixels
+somewhere inside it; debris, blur and out-of-focus haze reach the threshold but not the floor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from itertools import product
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -358,8 +364,10 @@ def decode_plane(
     min_size: int = 0,
     mode: str | None = None,
     split: int = 0,
+    min_peak: float = 0.0,
 ) -> np.ndarray:
-    """Instance labels of one plane, by the decoder of the model's output mode.
+    """Instance labels of one plane, by the decoder of the model's output mode, without the
+    objects whose foreground probability never reaches ``min_peak``.
 
     Parameters
     ----------
@@ -374,6 +382,9 @@ def decode_plane(
     split : int
         Paper mode: erosion depth that cuts necks (:func:`label_plane`). The other modes split
         objects by their own seeds and take only 0.
+    min_peak : float
+        Objects are kept only where their foreground probability (:func:`foreground_probability`)
+        reaches this somewhere; ids are renumbered 1..N in order. 0: every object is kept.
 
     Returns
     -------
@@ -385,9 +396,51 @@ def decode_plane(
     if mode not in DECODERS:
         raise ValueError(f"mode: expected one of {sorted(DECODERS)}, got {mode!r}")
     if mode == "paper":
-        return label_plane(maps, threshold, min_size, split)
-    check_split(split, mode)
-    return DECODERS[mode](maps, threshold, min_size)
+        labels = label_plane(maps, threshold, min_size, split)
+    else:
+        check_split(split, mode)
+        labels = DECODERS[mode](maps, threshold, min_size)
+    if min_peak <= 0:
+        return labels
+    return without_faint(labels, object_peaks(labels, foreground_probability(maps)), min_peak)
+
+
+def foreground_probability(maps: np.ndarray) -> np.ndarray:
+    """The foreground probability of one plane of network maps: the map itself for a (Y, X)
+    paper-mode output, 1 - background for (3, Y, X) outputs.
+
+    Returns
+    -------
+    numpy.ndarray of float32, shape (Y, X)
+    """
+    maps = np.asarray(maps)
+    if maps.ndim == 2:
+        return maps.astype(np.float32, copy=False)
+    return (1.0 - maps[0]).astype(np.float32)
+
+
+def object_peaks(labels: np.ndarray, probability: np.ndarray) -> np.ndarray:
+    """The highest ``probability`` in each object of ``labels`` (ids 1..N): shape (N + 1,),
+    index 0 (background) set to 1.0 so that it is never dropped as faint."""
+    from scipy import ndimage
+
+    count = int(labels.max())
+    peaks = np.ones(count + 1, np.float32)
+    if count:
+        peaks[1:] = ndimage.maximum(probability, labels, np.arange(1, count + 1))
+    return peaks
+
+
+def without_faint(labels: np.ndarray, peaks: np.ndarray, min_peak: float) -> np.ndarray:
+    """``labels`` (ids 1..N) without the objects whose peak (:func:`object_peaks`) is under
+    ``min_peak``, renumbered 1..N in order (a new array when any is dropped)."""
+    keep = peaks >= min_peak
+    if keep.all():
+        return labels
+    keep[0] = False
+    relabel = np.zeros(peaks.size, labels.dtype)
+    relabel[keep] = np.arange(1, int(keep.sum()) + 1, dtype=labels.dtype)
+    return relabel[labels]
 
 
 def _without_small(
@@ -410,39 +463,57 @@ def _without_small(
 
 
 def instance_labels(
-    probability: np.ndarray, threshold: float = 0.5, min_size: int = 0, split: int = 0
+    probability: np.ndarray,
+    threshold: float = 0.5,
+    min_size: int = 0,
+    split: int = 0,
+    min_peak: float = 0.0,
 ) -> np.ndarray:
     """Label every (Y, X) plane of ``probability`` separately (ids restart at 1 in each plane).
 
     Parameters
     ----------
     probability : numpy.ndarray, shape (..., Y, X)
-    threshold, min_size, split
-        As for :func:`label_plane`.
+    threshold, min_size, split, min_peak
+        As for :func:`decode_plane` (paper mode).
 
     Returns
     -------
     numpy.ndarray, shape (..., Y, X), the smallest unsigned dtype that holds the largest id
     """
-    check_postprocess_options(threshold, min_size, split)
+    check_postprocess_options(threshold, min_size, split, min_peak)
     flat = np.asarray(probability).reshape((-1,) + probability.shape[-2:])
-    planes = [label_plane(p, threshold, min_size, split) for p in flat]
+    planes = [decode_plane(p, threshold, min_size, "paper", split, min_peak) for p in flat]
     largest = max((int(p.max()) for p in planes), default=0)
     return np.stack(planes).reshape(probability.shape).astype(labels_dtype(largest))
 
 
+class PostprocessOptions(NamedTuple):
+    """How network maps become objects (:func:`decode_plane`)."""
+
+    threshold: float = 0.5
+    min_size: int = 0
+    split: int = 0
+    min_peak: float = 0.0
+
+
 def postprocess_options(
-    metadata: dict | None, threshold=None, min_size=None, split=None
-) -> tuple[float, int, int]:
-    """Threshold, minimum size and neck-splitting depth: the given values, else the model's
-    recommendation (``metadata["postprocess"]``, chosen when the model was made), else 0.5, 0
-    and 0."""
+    metadata: dict | None, threshold=None, min_size=None, split=None, min_peak=None
+) -> PostprocessOptions:
+    """Threshold, minimum size, neck-splitting depth and object confidence floor: the given
+    values, else the model's recommendation (``metadata["postprocess"]``, chosen when the model
+    was made), else the defaults of :class:`PostprocessOptions` (0.5, 0, 0 and 0.0)."""
     recommended = (metadata or {}).get("postprocess") or {}
-    threshold = recommended.get("threshold", 0.5) if threshold is None else threshold
-    min_size = recommended.get("min_size", 0) if min_size is None else min_size
-    split = recommended.get("split", 0) if split is None else split
-    check_postprocess_options(threshold, min_size, split)
-    return threshold, min_size, split
+    given = {"threshold": threshold, "min_size": min_size, "split": split, "min_peak": min_peak}
+    chosen: dict[str, Any] = {
+        name: recommended.get(name, PostprocessOptions._field_defaults[name])
+        if value is None
+        else value
+        for name, value in given.items()
+    }
+    options = PostprocessOptions(**chosen)
+    check_postprocess_options(*options)
+    return options
 
 
 def check_split(split, mode: str = "paper") -> None:
@@ -456,9 +527,9 @@ def check_split(split, mode: str = "paper") -> None:
         )
 
 
-def check_postprocess_options(threshold, min_size, split=0) -> None:
-    """Raise ValueError unless 0 <= threshold < 1 and min_size and split are non-negative
-    integers."""
+def check_postprocess_options(threshold, min_size, split=0, min_peak=0.0) -> None:
+    """Raise ValueError unless 0 <= threshold < 1, min_size and split are non-negative
+    integers and 0 <= min_peak <= 1."""
     if (
         isinstance(threshold, bool)
         or not isinstance(threshold, (int, float))
@@ -468,11 +539,19 @@ def check_postprocess_options(threshold, min_size, split=0) -> None:
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
         raise ValueError(f"min_size: expected a non-negative integer, got {min_size!r}")
     check_split(split)
+    if (
+        isinstance(min_peak, bool)
+        or not isinstance(min_peak, (int, float))
+        or not 0 <= min_peak <= 1
+    ):
+        raise ValueError(f"min_peak: expected a number in [0, 1], got {min_peak!r}")
 
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MIN_SIZES = (0, 5, 10, 15, 25, 40, 60, 90)
 SPLITS = (0, 1, 2, 3)
+# finer toward 1, where the probabilities of a network's confident objects crowd
+MIN_PEAKS = (0.0, 0.6, 0.7, 0.8, 0.9, 0.925, 0.95, 0.975)
 
 
 def choose_postprocess(
@@ -482,9 +561,10 @@ def choose_postprocess(
     min_sizes=MIN_SIZES,
     mode: str | None = None,
     splits=SPLITS,
+    min_peaks=MIN_PEAKS,
 ) -> dict:
-    """The threshold, minimum object size and neck-splitting depth with the best mean AP@0.5
-    over annotated planes.
+    """The threshold, minimum object size, neck-splitting depth and object confidence floor
+    with the best mean AP@0.5 over annotated planes.
 
     Parameters
     ----------
@@ -493,7 +573,7 @@ def choose_postprocess(
         plane (see :func:`decode_plane`).
     truths : sequence of numpy.ndarray, each shape (Y, X)
         Instance labels of each plane (0 = background).
-    thresholds, min_sizes, splits : sequences
+    thresholds, min_sizes, splits, min_peaks : sequences
         The grid searched; ``splits`` only in paper mode (the others take 0).
     mode : str, optional
         The model's output mode (:func:`decode_plane`).
@@ -501,32 +581,41 @@ def choose_postprocess(
     Returns
     -------
     dict
-        ``threshold``, ``min_size``, ``split``, ``ap50`` (mean over planes), ``planes``; ties
-        go to the smaller threshold, then the smaller size, then the smaller split.
+        ``threshold``, ``min_size``, ``split``, ``min_peak``, ``ap50`` (mean over planes),
+        ``planes``; ties go to the smaller threshold, then the smaller size, split and floor.
     """
-    from .metrics import match_objects
-
     paper = mode == "paper" or (mode is None and all(np.ndim(p) == 2 for p in probabilities))
     if not paper:
         splits = (0,)
+    foregrounds = [foreground_probability(p) for p in probabilities]
     scores = {}
     for threshold, split in product(thresholds, splits):
-        for min_size in min_sizes:
-            check_postprocess_options(threshold, min_size, split)
+        for min_size, min_peak in product(min_sizes, min_peaks):
+            check_postprocess_options(threshold, min_size, split, min_peak)
         for min_size, decoded in _decoded_by_size(probabilities, threshold, min_sizes, mode, split):
-            scores[threshold, min_size, split] = float(
-                np.mean([match_objects(labels, t, 0.5).ap for labels, t in zip(decoded, truths)])
-            )
+            for min_peak, score in _scores_by_floor(decoded, foregrounds, truths, min_peaks):
+                scores[threshold, min_size, split, min_peak] = score
     if not scores:
-        raise ValueError("thresholds, min_sizes, splits: expected non-empty grids")
+        raise ValueError("thresholds, min_sizes, splits, min_peaks: expected non-empty grids")
     best = min(scores, key=lambda options: (-scores[options], *options))
     return {
-        "threshold": best[0],
-        "min_size": best[1],
-        "split": best[2],
+        **PostprocessOptions(*best)._asdict(),
         "ap50": scores[best],
         "planes": len(truths),
     }
+
+
+def _scores_by_floor(decoded, foregrounds, truths, min_peaks):
+    """(min_peak, mean AP@0.5 of ``decoded`` without the objects under it) for each floor; each
+    plane's overlaps with its truth are counted once for all floors."""
+    from .metrics import match_subsets
+
+    per_plane = []
+    for labels, probability, truth in zip(decoded, foregrounds, truths):
+        peaks = object_peaks(labels, probability)
+        per_plane.append(match_subsets(labels, truth, [peaks >= f for f in min_peaks], 0.5))
+    for index, min_peak in enumerate(min_peaks):
+        yield min_peak, float(np.mean([scores[index].ap for scores in per_plane]))
 
 
 def _decoded_by_size(probabilities, threshold: float, min_sizes, mode, split: int):

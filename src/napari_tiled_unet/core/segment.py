@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .normalize import Normalization
-from .postprocess import check_split, decode_plane, postprocess_options
+from .postprocess import check_split, decode_plane, foreground_probability, postprocess_options
 from .rescale import (
     LARGEST_FACTOR,
     SMALLEST_FACTOR,
@@ -99,6 +99,7 @@ def segment(
     threshold: float | None = None,
     min_size: int | None = None,
     split: int | None = None,
+    min_peak: float | None = None,
     tile: int | str | tuple[int, int] = "auto",
     batch: int | str = "auto",
     device: str = "auto",
@@ -118,9 +119,9 @@ def segment(
         A 2-class (paper) or 3-class (boundary) model (:mod:`.targets`).
     image : array-like, shape (..., Y, X)
         As for :func:`~.predict.predict`.
-    threshold, min_size, split : optional
+    threshold, min_size, split, min_peak : optional
         Post-processing (:func:`.postprocess.decode_plane`); default: the model's
-        recommendation, else 0.5, 0 and 0.
+        recommendation, else 0.5, 0, 0 and 0.0.
     tile, batch, device, precision, normalization, channel_axis
         Passed to :func:`~.predict.predict`.
     should_stop : callable, optional
@@ -140,8 +141,8 @@ def segment(
     from .predict import check_image, predict
     from .shapes import leading_shape
 
-    threshold, min_size, split = postprocess_options(model.metadata, threshold, min_size, split)
-    check_split(split, model.config.output_mode)
+    options = postprocess_options(model.metadata, threshold, min_size, split, min_peak)
+    check_split(options.split, model.config.output_mode)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers: expected a positive integer, got {workers!r}")
     check_image(image)
@@ -154,9 +155,7 @@ def segment(
         "precision": precision,
         "normalization": normalization,
     }
-    diameter, factor = _working_scale(
-        model, image, channel_axis, diameter, threshold, min_size, engine
-    )
+    diameter, factor = _working_scale(model, image, channel_axis, diameter, options, engine)
     working = image if factor == 1.0 else Rescaled(image, factor)
     channels = model.config.n_classes if output == "classes" else None
     sink = PlaneBuffer(leading, tuple(working.shape[-2:]), channels=channels)
@@ -172,7 +171,7 @@ def segment(
     labeller = _Labeller(
         sink,
         leading,
-        (threshold, min_size, split),
+        options,
         workers,
         tuple(image.shape[-2:]),
         diameter,
@@ -185,7 +184,7 @@ def segment(
 _ESTIMATE_WINDOW = 1024
 
 
-def _working_scale(model, image, channel_axis, diameter, threshold, min_size, engine):
+def _working_scale(model, image, channel_axis, diameter, options, engine):
     """(object diameter, working-scale factor) for ``diameter`` (None, px or "auto")."""
     if diameter is None:
         return None, 1.0
@@ -194,7 +193,9 @@ def _working_scale(model, image, channel_axis, diameter, threshold, min_size, en
         check_factor(factor)
         return float(diameter), factor
     factor_for(model.metadata.get("diameter"), 1.0)  # the model must know its size: fail early
-    diameter = estimate_diameter(model, image, channel_axis, threshold, min_size, **engine)
+    diameter = estimate_diameter(
+        model, image, channel_axis, options.threshold, options.min_size, options.min_peak, **engine
+    )
     if diameter is None:  # nothing found: nothing to scale by
         return None, 1.0
     # an estimate beyond the working scales is used as far as they reach, not refused
@@ -212,7 +213,7 @@ _WINDOW_OBJECTS = 4
 
 
 def estimate_diameter(
-    model, image, channel_axis=None, threshold=0.5, min_size=0, **engine
+    model, image, channel_axis=None, threshold=0.5, min_size=0, min_peak=0.0, **engine
 ) -> float | None:
     """Median equivalent diameter (px) of the objects in a centred window (at most 1024 x 1024)
     of the image's first plane; None when no object is found.
@@ -230,14 +231,15 @@ def estimate_diameter(
     float or None
     """
     plane = _first_plane_window(image, channel_axis)
+    decoding = (threshold, min_size, min_peak)
     model_diameter = model.metadata.get("diameter")
     if not model_diameter:
-        return _measured(model, plane, 1.0, threshold, min_size, engine)
+        return _measured(model, plane, 1.0, decoding, engine)
     candidates = []
     for factor in _SEARCH_FACTORS:
         if min(plane.shape[-2:]) * factor < _WINDOW_OBJECTS * model_diameter:
             continue
-        found = _measured(model, plane, factor, threshold, min_size, engine)
+        found = _measured(model, plane, factor, decoding, engine)
         if found is not None and _COMFORT[0] <= found * factor / model_diameter <= _COMFORT[1]:
             candidates.append(found)
     if not candidates:
@@ -246,16 +248,16 @@ def estimate_diameter(
     # the largest consistent estimate is the objects themselves
     estimate = max(candidates)
     factor = min(max(model_diameter / estimate, SMALLEST_FACTOR), LARGEST_FACTOR)
-    refined = _measured(model, plane, factor, threshold, min_size, engine)
+    refined = _measured(model, plane, factor, decoding, engine)
     consistent = (
         refined is not None and _COMFORT[0] <= refined * factor / model_diameter <= _COMFORT[1]
     )
     return refined if consistent else estimate
 
 
-def _measured(model, plane, factor, threshold, min_size, engine) -> float | None:
+def _measured(model, plane, factor, decoding, engine) -> float | None:
     """Median object diameter, in the plane's own px, of a pass over ``plane`` (C, y, x) at
-    ``factor``."""
+    ``factor``, decoded with ``decoding`` (threshold, min_size, min_peak) and no split."""
     from .metrics import median_diameter
     from .predict import predict_array
 
@@ -265,7 +267,9 @@ def _measured(model, plane, factor, threshold, min_size, engine) -> float | None
     maps = predict_array(
         model, working, channel_axis=0, output=engine_output(model.config), **engine
     )
-    found = median_diameter([decode_plane(maps, threshold, min_size, model.config.output_mode)])
+    threshold, min_size, min_peak = decoding
+    labels = decode_plane(maps, threshold, min_size, model.config.output_mode, 0, min_peak)
+    found = median_diameter([labels])
     return found / factor if found else None
 
 
@@ -294,6 +298,7 @@ def relabel_plane(
     factor: float = 1.0,
     mode: str | None = None,
     split: int = 0,
+    min_peak: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Instance labels and foreground probability of one plane from the network's maps: the
     step of :func:`segment` after the network, so new post-processing options need no forward
@@ -316,14 +321,16 @@ def relabel_plane(
     split : int
         Neck-splitting depth, px at the working scale; 0: no cuts
         (:func:`.postprocess.label_plane`).
+    min_peak : float
+        Object confidence floor; 0.0: every object is kept (:func:`.postprocess.decode_plane`).
 
     Returns
     -------
     labels : numpy.ndarray of uint32, shape (Y, X)
     probability : numpy.ndarray of float32, shape (Y, X)
     """
-    labels = decode_plane(maps, threshold, min_size, mode, split)
-    probability = maps if maps.ndim == 2 else (1.0 - maps[0]).astype(np.float32)
+    labels = decode_plane(maps, threshold, min_size, mode, split, min_peak)
+    probability = foreground_probability(maps)
     if factor != 1.0:
         labels, probability = back_to_original(labels, probability, plane_shape, factor)
     return labels, probability
@@ -334,7 +341,7 @@ class _Labeller:
 
     def __init__(self, sink, leading, options, workers, plane_shape, diameter, factor, mode):
         self.sink, self.mode = sink, mode
-        self.threshold, self.min_size, self.split = options
+        self.options = options
         self.leads = list(np.ndindex(*leading))
         self.workers = workers
         self.plane_shape, self.diameter, self.factor = plane_shape, diameter, factor
@@ -382,12 +389,13 @@ class _Labeller:
     def _label(self, index: int, maps: np.ndarray) -> PlaneResult:
         labels, probability = relabel_plane(
             maps,
-            self.threshold,
-            self.min_size,
+            self.options.threshold,
+            self.options.min_size,
             self.plane_shape,
             self.factor,
             self.mode,
-            self.split,
+            self.options.split,
+            self.options.min_peak,
         )
         return PlaneResult(index, self.leads[index], labels, probability, int(labels.max()), maps)
 

@@ -565,15 +565,30 @@ def rebuilds_outputs(init, mode: str | None) -> bool:
 def resumes_fine_tuning(output) -> bool:
     """Whether the checkpoint beside ``output`` is of a fine-tuning run (False when there is
     none: :func:`train` then reports that)."""
+    state = _checkpoint_state(output)
+    return bool(state and state.get("fine_tuning"))
+
+
+def checkpoint_config(output) -> UNetConfig | None:
+    """The network of the checkpoint beside ``output``; None when there is no readable one
+    (:func:`train` then reports that)."""
+    state = _checkpoint_state(output)
+    try:
+        return UNetConfig.from_dict(state["config"]) if state else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _checkpoint_state(output) -> dict | None:
     import torch
 
     path = checkpoint_path(output)
     if not path.is_file():
-        return False
-    try:  # the flag only: the weights are checked when train() reads the checkpoint
-        return bool(torch.load(path, map_location="cpu", weights_only=True).get("fine_tuning"))
+        return None
+    try:  # weights_only: never runs code; the weights are checked when train() reads them
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        return False
+        return None
 
 
 def _read_checkpoint(output: Path) -> dict:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import warnings
 from pathlib import Path
 
-# napari's own deprecation notice would cover the picture
-warnings.filterwarnings("ignore", message="napari support for the PyQt5")
+import napari
+from napari._qt import qt_main_window
+from qtpy.QtWidgets import QApplication
 
-import napari  # noqa: E402
-from qtpy.QtWidgets import QApplication  # noqa: E402
+# napari's PyQt5 deprecation toast (a notification, not a Python warning) would cover the picture
+qt_main_window.SHOW_QT_WARNING = False
 
 IMAGES = Path(__file__).resolve().parent / "images"
 PLUGIN = "napari-tiled-unet"
@@ -41,8 +41,8 @@ def segment_screenshot(viewer) -> None:
 def train_screenshot(viewer, iterations: int, folder: Path) -> None:
     _, train = viewer.window.add_plugin_dock_widget(PLUGIN, "Train (U-Net)")
     train._image.value = viewer.layers["nuclei A"]
-    train._labels.value = viewer.layers["nuclei A annotation"]
-    train._start_from.value = "bundled default"   # fine-tuning: what most users will do
+    train._labels_layer.value = viewer.layers["nuclei A annotation"]
+    train._start_from.value = "bundled default"  # fine-tuning: what most users will do
     train._iterations.value = iterations
     train._batch.value = 2
     train._output.value = folder / "nuclei_a.safetensors"

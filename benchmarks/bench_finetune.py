@@ -29,21 +29,13 @@ import numpy as np
 import tifffile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_default_model import DATA, held_out_images  # noqa: E402
+from bench_default_model import DATA, decoded, held_out_images  # noqa: E402
 
 from napari_tiled_unet.core.metrics import match_objects  # noqa: E402
 from napari_tiled_unet.core.modelfile import load_model  # noqa: E402
-from napari_tiled_unet.core.postprocess import decode_plane, postprocess_options  # noqa: E402
-from napari_tiled_unet.core.predict import predict_array  # noqa: E402
-from napari_tiled_unet.core.targets import engine_output  # noqa: E402
+from napari_tiled_unet.core.postprocess import postprocess_options  # noqa: E402
 from napari_tiled_unet.core.train import Sample, TrainConfig, train  # noqa: E402
 from napari_tiled_unet.models import DEFAULT_MODEL  # noqa: E402
-
-
-def labels_of(model, image: np.ndarray) -> np.ndarray:
-    threshold, min_size, split, min_peak = postprocess_options(model.metadata)
-    maps = predict_array(model, image, output=engine_output(model.config))
-    return decode_plane(maps, threshold, min_size, model.config.output_mode, split, min_peak)
 
 
 def painted_region(truth: np.ndarray, count: int) -> np.ndarray:
@@ -65,7 +57,7 @@ def outside(labels: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 
 def ap(model, image, truth, region=None) -> float:
-    predicted = labels_of(model, image)
+    predicted = decoded(model, image, postprocess_options(model.metadata))
     if region is not None:
         predicted, truth = outside(predicted, region), outside(truth, region)
     return match_objects(predicted, truth, 0.5).ap

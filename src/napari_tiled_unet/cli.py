@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .core.config import MODE_CHANNELS
 from .core.presets import FINE_TUNE, SCRATCH, SCRATCH_ARCHITECTURE
 from .models import DEFAULT_MODEL
 
@@ -749,7 +750,7 @@ def _add_train_parser(commands):
     )
     train.add_argument(
         "--mode",
-        choices=("paper", "boundary", "distance"),
+        choices=tuple(MODE_CHANNELS),
         help="output: paper (background / foreground, touching objects split by a "
         "gap; the default from scratch), boundary (background / interior / boundary, split by "
         "watershed from the interiors) or distance (foreground and a distance map, split "
@@ -813,7 +814,6 @@ def _train(args) -> int:
     from .core.batch import check_output_path
     from .core.model import UNetConfig
     from .core.presets import preset_for
-    from .core.targets import n_classes_of
     from .core.train import TrainConfig, resumes_fine_tuning, train
 
     check_output_path(
@@ -856,9 +856,7 @@ def _train(args) -> int:
             base_channels=_given(args.base_channels, SCRATCH_ARCHITECTURE.base_channels),
             norm={None: SCRATCH_ARCHITECTURE.norm, "none": None, "batch": "batch"}[args.norm],
             in_channels=_channels(samples[0]),
-            n_classes=n_classes_of(args.mode or "paper"),
-            mode=None if args.mode != "distance" else "distance",
-        )
+        ).with_mode(args.mode or "paper")
     )
     stop = _StopFlag()
     events = train(

@@ -63,6 +63,21 @@ def test_bad_config_is_rejected_with_the_field_name(field, value):
         UNetConfig(**{field: value})
 
 
+def test_a_config_takes_each_output_mode_and_keeps_its_network():
+    network = UNetConfig(depth=3, base_channels=16, in_channels=2, norm="batch")
+    for mode, n_classes, recorded in [
+        ("paper", 2, None),
+        ("boundary", 3, None),  # files name it by its outputs, as before the distance mode
+        ("distance", 3, "distance"),
+    ]:
+        config = network.with_mode(mode)
+        assert config == replace(network, n_classes=n_classes, mode=recorded)
+        assert config.output_mode == mode
+        assert config.with_mode("paper") == network
+    with pytest.raises(ValueError, match=r"mode: expected one of .*, got 'watershed'"):
+        network.with_mode("watershed")
+
+
 def test_a_model_gets_another_output_mode_with_its_network_and_shared_outputs_kept():
     from napari_tiled_unet.core.model import with_output_mode
 

@@ -414,7 +414,7 @@ def test_a_fine_tuning_that_kept_its_start_is_not_selected(viewer, tmp_path, mon
     before = list(SESSION_MODELS.paths)
     (tmp_path / "trained.safetensors").write_bytes(b"model")
     widget._job = train_module.TrainJob(
-        samples=[], output=tmp_path / "trained.safetensors", config=None, init=None, in_channels=1
+        [], tmp_path / "trained.safetensors", None, init=None, in_channels=1, mode="paper"
     )
     data = DataSummary(1, 3, 1, 3, held_out=False)
     widget._bar = train_module.LazyProgress("Training")
@@ -435,6 +435,51 @@ def test_a_fine_tuning_that_kept_its_start_is_not_selected(viewer, tmp_path, mon
     widget._on_returned(TrainEvent(5, 5, 0.1, None, {"ap50": 0.0, "iou": 0.1}, 2.0, data=data))
     assert SESSION_MODELS.paths[0] == (tmp_path / "trained.safetensors").resolve()
     assert "It finds no validation object yet" in shown[-1]
+
+
+def test_the_train_widget_shows_the_starts_output_and_trains_the_chosen_one(
+    viewer, qtbot, tmp_path, model_file, monkeypatch
+):
+    from napari_tiled_unet.core.train import TrainEvent
+
+    distance_file = save_model(
+        make_model(depth=2, base_channels=4, n_classes=3, mode="distance"),
+        tmp_path / "distance.safetensors",
+    )
+    widget = train_widget(viewer, tmp_path, iterations=3)
+    assert list(widget._mode.choices) == ["paper", "boundary", "distance"]
+    assert widget._mode.value == "paper"
+    widget._start_from.value = "file"
+    widget._init_file.value = distance_file
+    assert widget._mode.value == "distance"
+    widget._init_file.value = model_file
+    assert widget._mode.value == "paper"
+    widget._start_from.value = "scratch"
+    widget._mode.value = "distance"
+    widget._iterations.value = 3  # each start sets its preset's
+    run_and_wait(qtbot, widget, timeout=120_000)
+    trained = load_model(tmp_path / "trained.safetensors").config
+    assert (trained.output_mode, trained.depth, trained.norm) == ("distance", 3, "batch")
+
+    shown = []
+    monkeypatch.setattr(train_module, "show_warning", shown.append)
+    widget._start_from.value = "file"
+    widget._init_file.value = model_file
+    widget._mode.value = "distance"
+    widget._iterations.value = 3
+    widget._overwrite.value = True
+    run_and_wait(qtbot, widget, timeout=120_000)
+    tuned = load_model(tmp_path / "trained.safetensors").config
+    assert (tuned.output_mode, tuned.depth, tuned.base_channels) == ("distance", 2, 4)
+    start = {"ap50": 0.0, "iou": 0.0, "iteration": 0}
+    widget._job = train_module.TrainJob(
+        [], tmp_path / "trained.safetensors", None, model_file, in_channels=1, mode="distance"
+    )
+    widget._on_returned(TrainEvent(3, 3, 0.1, None, start, 1.0, baseline=start))
+    assert (
+        "did not beat its start (tiny.safetensors with new distance outputs, which find "
+        "nothing until trained: more iterations or a higher learning rate) on validation"
+    ) in shown[-1]
 
 
 TRAIN_IN_A_FRESH_PROCESS = """

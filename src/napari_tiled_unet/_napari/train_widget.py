@@ -32,6 +32,12 @@ from ._triton import keep_triton_out
 from ._work import Failure, LazyProgress, notify_errors
 
 STARTS = ("scratch", "bundled default", "file")
+# (shown, core.config mode) of each output the widget offers
+OUTPUTS = (
+    ("2 classes (the paper's)", "paper"),
+    ("3 classes: boundary", "boundary"),
+    ("foreground + distance", "distance"),
+)
 # the presets of core.presets: what each start means for the settings
 PRESET_OF_START = {"scratch": SCRATCH, "bundled default": FINE_TUNE, "file": FINE_TUNE}
 MODEL_FOLDER = Path.home() / "napari-tiled-unet" / "models"
@@ -46,6 +52,7 @@ class TrainJob:
     config: object  # core.train.TrainConfig
     init: Path | None
     in_channels: int
+    mode: str
     stop: threading.Event = field(default_factory=threading.Event)
 
 
@@ -111,6 +118,15 @@ class TrainWidget(Container):
         )
         self._start_from = ComboBox(label="start from", choices=STARTS)
         self._init_file = FileEdit(label="initial model", filter="*.safetensors", visible=False)
+        self._mode = ComboBox(
+            label="output",
+            choices=OUTPUTS,
+            value="paper",
+            tooltip="what the network learns: the paper's background / foreground (touching "
+            "objects apart by a gap), background / interior / boundary (split by watershed from "
+            "the interiors), or foreground and a distance map (split by watershed from its "
+            "peaks). Starting from a model: its own; another rebuilds its output layer",
+        )
         self._output = FileEdit(
             label="save model as",
             mode="w",
@@ -139,6 +155,7 @@ class TrainWidget(Container):
                 self._val_fraction,
                 self._start_from,
                 self._init_file,
+                self._mode,
                 self._output,
                 self._overwrite,
                 self._train,
@@ -151,6 +168,7 @@ class TrainWidget(Container):
         self._add_pair.changed.connect(self._on_add_pair)
         self._clear_pairs.changed.connect(self._on_clear_pairs)
         self._start_from.changed.connect(self._on_start_changed)
+        self._init_file.changed.connect(self._show_start_mode)
         self._train.changed.connect(self.start)
         self._stop.changed.connect(self.stop)
         self._job: TrainJob | None = None
@@ -191,6 +209,20 @@ class TrainWidget(Container):
         self._init_file.visible = start == "file"
         preset = PRESET_OF_START[start]
         self._lr.value, self._iterations.value = preset.lr, preset.iterations
+        self._show_start_mode()
+
+    def _show_start_mode(self, *_) -> None:
+        """Offer the output of the model training starts from (the paper's from scratch)."""
+        from ..core.config import UNetConfig
+        from ..core.modelfile import read_header
+
+        try:
+            init = self._init_path()
+            header = read_header(init) if init is not None else None
+        except (ValueError, OSError):  # not a model file (yet): the start reports it at Train
+            return
+        config = UNetConfig.from_dict(header["config"]) if header else None
+        self._mode.value = config.output_mode if config else "paper"
 
     def _on_add_pair(self, *_) -> None:
         image, labels = self._image.value, self._labels_layer.value
@@ -228,7 +260,8 @@ class TrainWidget(Container):
             val_fraction=self._val_fraction.value,
             validate_every=max(1, min(100, self._iterations.value // 10)),
         )
-        return TrainJob(samples, self._output_path(pairs[0][0].name), config, init, in_channels)
+        output = self._output_path(pairs[0][0].name)
+        return TrainJob(samples, output, config, init, in_channels, self._mode.value)
 
     def _init_path(self) -> Path | None:
         start = self._start_from.value
@@ -275,7 +308,7 @@ class TrainWidget(Container):
         score = best.get("ap50", float("nan"))
         if result is not None and result.kept_start:
             show_warning(
-                f"Training {state}; fine-tuning did not beat the model it started from on "
+                f"Training {state}; fine-tuning did not beat {self._start_name()} on "
                 f"validation (AP@0.5 {score:.3f}, pixel IoU {best.get('iou', float('nan')):.3f}; "
                 f"it takes {result.beats_start}), so {output} holds that starting model. The "
                 f"Segment widget's selection is unchanged; annotate more objects to improve it."
@@ -293,6 +326,17 @@ class TrainWidget(Container):
                     f"{message}. It finds no validation object yet: annotate more "
                     f"objects, or train longer."
                 )
+
+    def _start_name(self) -> str:
+        """What the finished fine-tuning started from, as its warning names it."""
+        from ..core.train import rebuilds_outputs
+
+        job = self._job
+        if not rebuilds_outputs(job.init, job.mode):
+            return "the model it started from"
+        # a new distance output starts at zero: no seeds until it is trained
+        hint = ", which find nothing until trained: more iterations or a higher learning rate"
+        return f"its start ({job.init.name} with new {job.mode} outputs{hint * (job.mode == 'distance')})"
 
     def _on_finished(self) -> None:
         self._bar.close()
@@ -374,7 +418,11 @@ def _train(job: TrainJob):
     from ..core.train import train
 
     # The bundled model's architecture: fast on CPUs, and batch norm trains quickly from scratch.
-    model_config = None if job.init else replace(SCRATCH_ARCHITECTURE, in_channels=job.in_channels)
+    model_config = (
+        None
+        if job.init
+        else replace(SCRATCH_ARCHITECTURE, in_channels=job.in_channels).with_mode(job.mode)
+    )
     try:
         events = train(
             job.samples,
@@ -382,6 +430,7 @@ def _train(job: TrainJob):
             config=job.config,
             model_config=model_config,
             init=job.init,
+            mode=job.mode if job.init else None,
             should_stop=job.stop.is_set,
         )
     except (ValueError, FileNotFoundError) as error:

@@ -14,6 +14,13 @@ PADDINGS = ("valid", "same")
 MODE_CHANNELS = {"paper": 2, "boundary": 3, "distance": 3}
 
 
+def n_classes_of(mode: str) -> int:
+    """The number of outputs of a model of output ``mode``."""
+    if mode not in MODE_CHANNELS:
+        raise ValueError(f"mode: expected one of {sorted(MODE_CHANNELS)}, got {mode!r}")
+    return MODE_CHANNELS[mode]
+
+
 def output_mode(n_classes: int) -> str:
     """The output mode of a model without a recorded mode: by its outputs, "paper" (2) or
     "boundary" (3), as files written before the distance mode existed.
@@ -82,6 +89,19 @@ class UNetConfig:
     def output_mode(self) -> str:
         """ "paper", "boundary" or "distance" (:mod:`.targets`)."""
         return self.mode if self.mode is not None else output_mode(self.n_classes)
+
+    def with_mode(self, mode: str) -> UNetConfig:
+        """This architecture with the outputs of output ``mode`` (:mod:`.targets`).
+
+        Raises
+        ------
+        ValueError
+            For a mode other than "paper", "boundary" or "distance".
+        """
+        n_classes = n_classes_of(mode)
+        # files keep mode None for the modes that n_classes names, readable by older versions
+        named = "distance" if mode == "distance" else None
+        return dataclasses.replace(self, n_classes=n_classes, mode=named)
 
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)

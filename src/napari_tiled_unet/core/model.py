@@ -8,13 +8,13 @@ tiler never hard-codes numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import MODE_CHANNELS, NORMS, PADDINGS, Geometry, UNetConfig
+from .config import NORMS, PADDINGS, Geometry, UNetConfig
 from .normalize import Normalization
 
 __all__ = ["NORMS", "PADDINGS", "UNet", "UNetConfig", "with_output_mode"]
@@ -158,14 +158,9 @@ def with_output_mode(model: UNet, mode: str) -> UNet:
     UNet
         A new model (``model`` itself when it already has that mode).
     """
-    if mode not in MODE_CHANNELS:
-        raise ValueError(f"mode: expected one of {sorted(MODE_CHANNELS)}, got {mode!r}")
+    config = model.config.with_mode(mode)
     if model.config.output_mode == mode:
         return model
-    # files keep mode None for the modes that n_classes names, readable by older versions
-    config = replace(
-        model.config, n_classes=MODE_CHANNELS[mode], mode="distance" if mode == "distance" else None
-    )
     new = UNet(config)
     weights = model.state_dict()
     kept = new.state_dict()

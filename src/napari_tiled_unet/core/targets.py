@@ -19,16 +19,9 @@ still has a boundary of one pixel per object.
 
 from __future__ import annotations
 
-from .config import MODE_CHANNELS, output_mode
+from .config import n_classes_of, output_mode
 
 __all__ = ["class_target", "distance_target", "engine_output", "n_classes_of", "output_mode"]
-
-
-def n_classes_of(mode: str) -> int:
-    """The number of outputs of a model of ``mode``."""
-    if mode not in MODE_CHANNELS:
-        raise ValueError(f"mode: expected one of {sorted(MODE_CHANNELS)}, got {mode!r}")
-    return MODE_CHANNELS[mode]
 
 
 def engine_output(config) -> str:

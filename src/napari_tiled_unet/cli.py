@@ -895,15 +895,12 @@ def _train(args) -> int:
 
 def _start_name(args) -> str:
     """What a fine-tuning run started from, as its warning names it."""
-    from .core.train import rebuilds_outputs
+    from .core.train import rebuilt_start_name
 
     if args.resume:
         return "its starting model"
-    if not rebuilds_outputs(args.init, args.mode):
-        return str(args.init)
-    # a new distance output starts at zero: no seeds until it is trained
-    hint = "; they find nothing until trained: more --iterations or a higher --lr"
-    return f"its start ({args.init} with new {args.mode} outputs{hint * (args.mode == 'distance')})"
+    remedy = "more --iterations or a higher --lr"
+    return rebuilt_start_name(args.init, args.mode, remedy) or str(args.init)
 
 
 def _check_architecture_options(args) -> None:

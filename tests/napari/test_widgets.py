@@ -477,7 +477,7 @@ def test_the_train_widget_shows_the_starts_output_and_trains_the_chosen_one(
     )
     widget._on_returned(TrainEvent(3, 3, 0.1, None, start, 1.0, baseline=start))
     assert (
-        "did not beat its start (tiny.safetensors with new distance outputs, which find "
+        f"did not beat its start ({model_file} with new distance outputs; they find "
         "nothing until trained: more iterations or a higher learning rate) on validation"
     ) in shown[-1]
 

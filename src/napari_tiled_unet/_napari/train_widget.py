@@ -329,14 +329,11 @@ class TrainWidget(Container):
 
     def _start_name(self) -> str:
         """What the finished fine-tuning started from, as its warning names it."""
-        from ..core.train import rebuilds_outputs
+        from ..core.train import rebuilt_start_name
 
-        job = self._job
-        if not rebuilds_outputs(job.init, job.mode):
-            return "the model it started from"
-        # a new distance output starts at zero: no seeds until it is trained
-        hint = ", which find nothing until trained: more iterations or a higher learning rate"
-        return f"its start ({job.init.name} with new {job.mode} outputs{hint * (job.mode == 'distance')})"
+        remedy = "more iterations or a higher learning rate"
+        rebuilt = rebuilt_start_name(self._job.init, self._job.mode, remedy)
+        return rebuilt or "the model it started from"
 
     def _on_finished(self) -> None:
         self._bar.close()

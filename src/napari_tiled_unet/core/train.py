@@ -562,6 +562,17 @@ def rebuilds_outputs(init, mode: str | None) -> bool:
     return UNetConfig.from_dict(read_header(init)["config"]).output_mode != mode
 
 
+def rebuilt_start_name(init, mode: str | None, remedy: str) -> str | None:
+    """How a warning names the start of a fine-tuning run from the model file ``init`` whose
+    output layer was rebuilt for ``mode``; None when it was not. A new distance output starts
+    at zero and finds no seed until trained: ``remedy`` says, in the caller's terms, how to
+    train it more."""
+    if not rebuilds_outputs(init, mode):
+        return None
+    hint = f"; they find nothing until trained: {remedy}" if mode == "distance" else ""
+    return f"its start ({init} with new {mode} outputs{hint})"
+
+
 def resumes_fine_tuning(output) -> bool:
     """Whether the checkpoint beside ``output`` is of a fine-tuning run (False when there is
     none: :func:`train` then reports that)."""
